@@ -1,0 +1,69 @@
+"""`poet-mlx eval`: held-out preference metrics, per pair (--output) and averaged."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from poet_mlx.cli.args import add_config_flags, build_config
+from poet_mlx.cli.common import add_output_flags, run_guarded
+from poet_mlx.cli.ui import fmt, make_reporter
+
+EVAL_SKIP = {"adapter_path", "resume", "overwrite", "epochs", "iters", "learning_rate", "optimizer",
+             "weight_decay", "lr_schedule", "warmup_ratio", "max_grad_norm", "grad_accumulation_steps",
+             "grad_checkpoint", "steps_per_report", "steps_per_eval", "save_every", "fine_tune_type",
+             "num_layers", "rank", "scale", "dropout", "keys", "train_split", "max_valid_pairs", "skip_invalid"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="poet-mlx eval", description=(
+        "Score held-out preference pairs: TRL's metrics (rewards/accuracies, rewards/margins, logps/...). "
+        "With --adapter-path, the loss settings (loss, beta, POET) default to the run's own."))
+    p.add_argument("-c", "--config", help="YAML file of settings.")
+    p.add_argument("--adapter-path", help="A run folder with adapters (omit to score the base model).")
+    p.add_argument("--output", help="Write one JSON object per pair, in input order, to this JSONL file.")
+    add_config_flags(p, skip=EVAL_SKIP)
+    add_output_flags(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(lambda: _eval(args), debug=args.debug)
+
+
+def _eval(args) -> int:
+    from poet_mlx.fsutil import write_text_atomic
+    from poet_mlx.pipeline import run_evaluation, saved_config
+
+    if args.adapter_path:
+        # Score the run the way it was trained unless told otherwise.
+        saved = saved_config(Path(args.adapter_path))
+        for key in ("loss", "beta", "gamma_beta_ratio", "label_smoothing", "sft_weight", "poet", "poet_ratio",
+                    "max_length", "max_prompt_length", "chat_template", "system_prompt", "model"):
+            if not hasattr(args, key) and saved.get(key) is not None:
+                setattr(args, key, saved[key])
+    cfg = build_config(args)
+    reporter = make_reporter(plain=True, quiet=args.quiet or not args.plain, title="poet-mlx eval")
+    means, rows = run_evaluation(cfg, args.adapter_path, reporter)
+    if args.output:
+        write_text_atomic(args.output, "".join(json.dumps(r) + "\n" for r in rows))
+    if not args.quiet:
+        _print(means, cfg, args)
+    return 0
+
+
+def _print(means: dict, cfg, args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"eval on {cfg.data.data}" + (f" with {args.adapter_path}" if args.adapter_path else " (base)"),
+              title_justify="left")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in means.items():
+        t.add_row(k, fmt(v))
+    Console().print(t)
+    if args.output:
+        Console().print(f"per-pair results: {args.output}")

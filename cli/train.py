@@ -1,0 +1,50 @@
+"""`poet-mlx train`: align a model with DPO/SimPO (+POET) through LoRA/DoRA adapters or full fine-tuning."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from poet_mlx.cli.args import add_config_flags, build_config, given_flags, resume_config
+from poet_mlx.cli.common import add_output_flags, graceful_stop, run_guarded
+from poet_mlx.cli.ui import DashboardReporter, make_reporter, print_summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="poet-mlx train",
+        description="Preference alignment (DPO family or SimPO, optionally with POET) on an mlx-lm model.",
+        epilog="Settings come from the defaults, then the YAML file (-c), then the flags. YAML keys are the "
+               "flag names with '_' (learning_rate: 5e-6).",
+    )
+    p.add_argument("-c", "--config", help="YAML file of settings (flat keys, same names as the flags).")
+    add_config_flags(p)
+    add_output_flags(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(lambda: _train(args), debug=args.debug)
+
+
+def _train(args) -> int:
+    from poet_mlx.config import TrainConfig
+    from poet_mlx.pipeline import run_training, saved_config
+
+    if getattr(args, "resume", False):
+        # A resumed run takes its settings from its folder; model and data need not be given again.
+        run = Path(getattr(args, "adapter_path", TrainConfig.adapter_path))
+        cfg = resume_config(saved_config(run), given_flags(args))
+    else:
+        cfg = build_config(args)
+    reporter = make_reporter(args.plain, args.quiet)
+    with graceful_stop() as stop:
+        if isinstance(reporter, DashboardReporter):
+            with reporter:
+                summary = run_training(cfg, reporter, should_stop=stop)
+        else:
+            summary = run_training(cfg, reporter, should_stop=stop)
+    if not args.quiet:
+        print_summary(summary)
+    return stop.exit_code if summary["interrupted"] else 0

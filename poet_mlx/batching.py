@@ -1,0 +1,131 @@
+"""Tokenized pairs -> padded model batches, with POET's cut and length-aware ordering.
+
+A batch of B pairs is one (2B, L) token array: the B chosen sequences, then the B rejected ones, each
+prompt + response (cut by POET) and right-padded to L, a multiple of `pad_multiple`. One forward serves both
+responses. Batches are drawn from windows of similar lengths, so padding stays small and the compiled step
+meets few distinct shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .poet import scored_lengths
+from .tokenization import TokenizedPair
+
+PAD_MULTIPLE = 32
+WINDOW_BATCHES = 64
+"""Batches per sorting window: larger means less padding, smaller means more random batch mixes."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one pair is fed: response tokens kept in the sequences and response tokens scored."""
+
+    prompt_len: int
+    keep_chosen: int
+    keep_rejected: int
+    score_chosen: int
+    score_rejected: int
+
+    @property
+    def tokens(self) -> int:
+        return 2 * self.prompt_len + self.keep_chosen + self.keep_rejected
+
+
+def layout(pair: TokenizedPair, poet: bool, ratio: float = 1.0, full_chosen: bool = False) -> Layout:
+    """The POET cut of one pair. `full_chosen` keeps the whole chosen response (SimPO's SFT term needs it);
+    only the first k tokens are still scored for the preference."""
+    n_c, n_r = len(pair.chosen), len(pair.rejected)
+    score_c, score_r = scored_lengths(n_c, n_r, poet, ratio)
+    return Layout(len(pair.prompt), n_c if full_chosen else score_c, score_r, score_c, score_r)
+
+
+@dataclass
+class PairBatch:
+    """Arrays for one forward over [chosen; rejected] (numpy; the trainer moves them to MLX).
+
+    tokens: (2B, L) int32; starts: (2B,) target position of the first response token (prompt_len - 1);
+    score_lens: (2B,) scored response tokens; keep_lens: (2B,) response tokens present in `tokens`;
+    ref_logps: (2B,) reference log-prob sums over the scored tokens, or None; indices: (B,) pair positions.
+    """
+
+    tokens: np.ndarray
+    starts: np.ndarray
+    score_lens: np.ndarray
+    keep_lens: np.ndarray
+    ref_logps: Optional[np.ndarray]
+    indices: np.ndarray
+
+    @property
+    def real_tokens(self) -> int:
+        return int((self.starts + 1).sum() + self.keep_lens.sum())
+
+    @property
+    def scored_tokens(self) -> int:
+        return int(self.score_lens.sum())
+
+
+def make_batch(pairs: Sequence[TokenizedPair], indices: Sequence[int], layouts: Sequence[Layout],
+               ref_token_logps=None, pad_id: int = 0, pad_multiple: int = PAD_MULTIPLE) -> PairBatch:
+    """Assemble the pairs at `indices` into a PairBatch.
+
+    Args:
+        ref_token_logps: per-pair (chosen, rejected) float32 arrays of the reference's per-token log-probs
+            over the full responses, or None (SimPO). Sums are taken over the scored prefix.
+    """
+    rows, starts, score, keep, ref = [], [], [], [], []
+    for side in ("chosen", "rejected"):
+        for i in indices:
+            p, lay = pairs[i], layouts[i]
+            n_keep = lay.keep_chosen if side == "chosen" else lay.keep_rejected
+            n_score = lay.score_chosen if side == "chosen" else lay.score_rejected
+            rows.append(np.concatenate([p.prompt, getattr(p, side)[:n_keep]]))
+            starts.append(lay.prompt_len - 1)
+            score.append(n_score)
+            keep.append(n_keep)
+            if ref_token_logps is not None:
+                ref.append(float(ref_token_logps[i][0 if side == "chosen" else 1][:n_score].sum()))
+    width = max(len(r) for r in rows)
+    width = -(-width // pad_multiple) * pad_multiple
+    tokens = np.full((len(rows), width), pad_id, dtype=np.int32)
+    for j, r in enumerate(rows):
+        tokens[j, : len(r)] = r
+    return PairBatch(
+        tokens=tokens,
+        starts=np.asarray(starts, np.int32),
+        score_lens=np.asarray(score, np.int32),
+        keep_lens=np.asarray(keep, np.int32),
+        ref_logps=np.asarray(ref, np.float32) if ref_token_logps is not None else None,
+        indices=np.asarray(indices, np.int64),
+    )
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of pair positions for one epoch: every pair exactly once, deterministic in (seed, epoch).
+
+    Pairs are shuffled, sorted by length inside windows of WINDOW_BATCHES batches, cut into batches, and the
+    batches shuffled again, so each batch holds similar lengths while the order stays random.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    window = batch_size * WINDOW_BATCHES
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w : w + window], key=lambda i: lengths[i])
+        batches += [list(map(int, chunk[b : b + batch_size])) for b in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def sequential_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Evaluation batches: sorted by length (little padding), each pair once; callers restore input order."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+
+
+def padding_fraction(batch: PairBatch) -> float:
+    """Share of the (2B, L) token array that is padding."""
+    return 1.0 - batch.real_tokens / batch.tokens.size

@@ -1,0 +1,170 @@
+"""Models and adapters through mlx-lm: loading (local folder or hub id), LoRA/DoRA/full, adapter files.
+
+Adapters are saved in mlx-lm's format (`adapters.safetensors` + `adapter_config.json` with
+`fine_tune_type`, `num_layers`, `lora_parameters`), so `mlx_lm.generate --adapter-path` and `mlx_lm.fuse`
+load them too. poet-mlx adds its own settings under the `poet_mlx` key, which mlx-lm ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .errors import PoetError
+from .fsutil import save_safetensors_atomic, write_json_atomic
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+ADAPTER_FILE = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
+
+
+def resolve_model_path(model: str, revision: Optional[str] = None) -> Path:
+    """A local model folder, or the hub snapshot of `model` (downloaded if needed). PoetError otherwise."""
+    local = Path(model).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise PoetError(f"model folder {local} has no config.json: it is not an mlx-lm/Hugging Face model. "
+                            "Point --model at the folder that holds config.json and *.safetensors")
+        if not any(local.glob("*.safetensors")):
+            raise PoetError(f"model folder {local} has no *.safetensors weights; convert it with "
+                            "`mlx_lm.convert --hf-path ...` first")
+        return local
+    if not HUB_ID.match(model):
+        raise PoetError(f"model not found: '{model}' is neither a local folder nor a Hugging Face hub id "
+                        "(owner/name)")
+    return _download(model, revision)
+
+
+def _download(repo: str, revision: Optional[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except Exception as exc:  # offline, unknown repo, gated repo, bad token: all user-fixable
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise PoetError(
+            f"could not get model '{repo}' from the Hugging Face hub ({type(exc).__name__}: {reason}). "
+            "Check the id and your network (or HF_TOKEN for gated models), or pass a local model folder"
+        ) from None
+
+
+def load_model(model: str, revision: Optional[str] = None, trust_remote_code: bool = False):
+    """Load an mlx-lm model and tokenizer. Returns (model, tokenizer, path)."""
+    from mlx_lm.utils import load
+
+    path = resolve_model_path(model, revision)
+    try:
+        loaded, tokenizer = load(str(path), tokenizer_config={"trust_remote_code": trust_remote_code})
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        raise PoetError(f"mlx-lm could not load the model in {path}: {exc}") from None
+    return loaded, tokenizer, path
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the dashboard and model card say about a model."""
+
+    path: str
+    model_type: str
+    num_layers: int
+    quantization: Optional[str]
+    total_params: int
+    trainable_params: int
+
+
+def model_facts(model, path: Path) -> ModelFacts:
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import get_total_parameters
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    quant = config.get("quantization") or config.get("quantization_config")
+    qdesc = f"{quant.get('bits')}-bit (group {quant.get('group_size')})" if isinstance(quant, dict) and quant.get("bits") else None
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    return ModelFacts(str(path), config.get("model_type", "?"), len(model.layers), qdesc,
+                      int(get_total_parameters(model)), int(trainable))
+
+
+def lora_parameters(rank: int, scale: float, dropout: float, keys) -> dict:
+    params = {"rank": rank, "scale": scale, "dropout": dropout}
+    if keys:
+        params["keys"] = list(keys)
+    return params
+
+
+def attach_trainable(model, fine_tune_type: str, num_layers: int, lora_params: dict) -> int:
+    """Freeze the model, then make the adapted part trainable. Returns the number of adapted layers.
+
+    LoRA/DoRA layers come from mlx-lm (`linear_to_lora_layers`); their init draws from mx.random, so seed it
+    first for a reproducible run.
+    """
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    total = len(model.layers)
+    if num_layers > total:
+        raise PoetError(f"num_layers is {num_layers} but the model has only {total} layers; "
+                        f"pass --num-layers {total} (or -1 for all)")
+    n = total if num_layers == -1 else num_layers
+    model.freeze()
+    if fine_tune_type == "full":
+        for layer in model.layers[total - n :]:
+            layer.unfreeze()
+        return n
+    try:
+        linear_to_lora_layers(model, n, lora_params, use_dora=fine_tune_type == "dora")
+    except ValueError as exc:
+        raise PoetError(f"cannot attach {fine_tune_type} adapters: {exc}") from None
+    if not any(True for _ in _trainable_leaves(model)):
+        keys = lora_params.get("keys")
+        raise PoetError(f"no layer matched the target modules {keys}; list module names inside a layer, "
+                        "e.g. self_attn.q_proj self_attn.v_proj")
+    return n
+
+
+def _trainable_leaves(model):
+    from mlx.utils import tree_flatten
+
+    return (k for k, _ in tree_flatten(model.trainable_parameters()))
+
+
+def trainable_weights(model) -> dict:
+    from mlx.utils import tree_flatten
+
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def adapter_config(fine_tune_type: str, num_layers: int, lora_params: dict, base_model: str,
+                   poet_mlx: dict) -> dict:
+    """adapter_config.json content in mlx-lm's format, plus our settings under `poet_mlx`."""
+    return {
+        "fine_tune_type": fine_tune_type,
+        "num_layers": num_layers,
+        "lora_parameters": lora_params,
+        "model": base_model,
+        "poet_mlx": poet_mlx,
+    }
+
+
+def save_adapters(folder: Path, model, config: dict) -> None:
+    """Write adapters.safetensors and adapter_config.json atomically (weights first, config last)."""
+    folder = Path(folder)
+    save_safetensors_atomic(folder / ADAPTER_FILE, trainable_weights(model))
+    write_json_atomic(folder / ADAPTER_CONFIG, config)
+
+
+def load_adapters(model, adapter_path: str | Path):
+    """Apply saved adapters (ours or mlx-lm's) to a freshly loaded model."""
+    from mlx_lm.tuner.utils import load_adapters as mlx_load_adapters
+
+    path = Path(adapter_path)
+    if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_FILE).is_file():
+        raise PoetError(f"no adapters in {path}: expected {ADAPTER_CONFIG} and {ADAPTER_FILE} "
+                        "(the --adapter-path of a finished or checkpointed run)")
+    try:
+        return mlx_load_adapters(model, str(path))
+    except ValueError as exc:
+        raise PoetError(f"adapters in {path} do not fit this model: {exc}") from None
