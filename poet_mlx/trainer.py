@@ -25,7 +25,7 @@ from .checkpoint import MetricsLog, latest_checkpoint, load_checkpoint, save_che
 from .config import TrainConfig
 from .errors import PoetError
 from .evaluation import evaluate
-from .models import ADAPTER_CONFIG, ADAPTER_FILE, save_adapters, trainable_weights
+from .models import ADAPTER_CONFIG, ADAPTER_FILE, enable_grad_checkpoint, save_adapters, trainable_weights
 from .objective import Objective, batch_objective
 from .reference import TokenLogps
 from .reporting import Reporter
@@ -123,6 +123,8 @@ class Trainer:
                  run: Path, adapter_cfg: dict, reporter: Reporter | None = None, pad_id: int = 0,
                  should_stop: Callable[[], bool] = lambda: False):
         self.model, self.objective, self.cfg = model, objective, cfg
+        if cfg.grad_checkpoint:
+            enable_grad_checkpoint(model)
         self.train_set, self.valid_set = train, valid
         self.run, self.adapter_cfg = Path(run), adapter_cfg
         self.reporter = reporter or Reporter()
@@ -183,6 +185,8 @@ class Trainer:
         grads, sums, tokens, scored, pairs = None, None, 0, 0, 0
         for _ in range(accum):
             idx = self._micro_batch(self.state.micro)
+            # Dropout draws from a key fixed by (seed, micro-batch), so a resumed run replays them exactly.
+            mx.random.seed(self.cfg.seed * 1_000_003 + self.state.micro)
             b = self.train_set.batch(idx, self.pad_id)
             ref = b.ref_logps if b.ref_logps is not None else np.zeros(len(b.starts), np.float32)
             loss, mvec, g = grad_step(mx.array(b.tokens), mx.array(b.starts), mx.array(b.score_lens),
@@ -304,7 +308,6 @@ class Trainer:
         weights = trainable_weights(self.model)
         self.reporter.phase("saving", 0, 1)
         state = asdict(self.state)
-        state["random_state"] = np.asarray(mx.random.state[0]).tolist()
         state["total_steps"] = self.steps
         folder = save_checkpoint(self.run, self.state.step, weights, dict(tree_flatten(self.optimizer.state)),
                                  state)
@@ -325,7 +328,6 @@ class Trainer:
         except KeyError as exc:
             raise PoetError(f"checkpoint {folder} does not match this optimizer/adapter setup (missing {exc}); "
                             "resume with the settings the run started with") from None
-        mx.random.state[0] = mx.array(np.asarray(state.pop("random_state"), dtype=np.uint32))
         state.pop("total_steps", None)
         self.state = TrainState(**state)
 

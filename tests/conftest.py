@@ -23,3 +23,35 @@ def tiny_quant_model_dir(tmp_path_factory):
     return tiny.save_tiny_model(
         tmp_path_factory.mktemp("tiny_quant_model"), texts=demo_task.corpus_texts(0), seed=0, quantize_bits=4
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    """A folder with train.jsonl (48 pairs) and valid.jsonl (16 pairs) of the demo task."""
+    from poet_mlx import demo_task
+
+    return demo_task.write_demo_dataset(tmp_path_factory.mktemp("tiny_data"), n_train=48, n_valid=16, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own reference-log-prob cache, so tests neither share nor leave cache files."""
+    monkeypatch.setenv("POET_MLX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "cache"
+
+
+def run_config(model_dir, data_dir, run_dir, **overrides):
+    """A small, fast training config for tests (flat keys as in YAML)."""
+    from poet_mlx.config import RunConfig, validate
+
+    flat = {
+        "model": str(model_dir), "data": str(data_dir), "adapter_path": str(run_dir),
+        "num_layers": -1, "rank": 4, "batch_size": 4, "iters": 4, "learning_rate": 1e-3,
+        "max_length": 128, "max_prompt_length": 32, "steps_per_report": 1, "steps_per_eval": 0,
+        "save_every": 0, "seed": 0,
+    }
+    flat.update(overrides)
+    cfg = RunConfig.from_flat(flat, source="test")
+    validate(cfg)
+    return cfg
