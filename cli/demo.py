@@ -70,7 +70,7 @@ def _print_change(before: dict, after: dict, poet: bool, seconds: float, summary
         t.add_row(k, fmt(before.get(k)), fmt(after.get(k)))
     c = Console()
     c.print(t)
-    c.print("Before training the policy equals the reference, so every implicit reward is 0 (accuracy 0, "
-            "margin 0); after, the accuracy is the share of held-out pairs whose chosen reply gets the higher "
-            f"reward. Steps: {summary['steps']}, step time {summary['train_seconds'] / max(1, summary['steps']):.3f} s, "
+    c.print("Before training the policy equals the reference, so every implicit reward is 0 up to float "
+            "rounding (|margin| < 1e-5): the accuracy before is a coin toss on rounding noise. After, it is the "
+            "share of held-out pairs whose chosen reply gets the higher reward. Steps: {summary['steps']}, step time {summary['train_seconds'] / max(1, summary['steps']):.3f} s, "
             f"total {seconds:.0f} s.")

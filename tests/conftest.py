@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import poet_mlx  # noqa: F401  (first: routes MLX CPU matmuls to OpenBLAS before mlx.core loads)
+
 import pytest
 
 

@@ -1,0 +1,124 @@
+"""Fast matrix multiplies for MLX's CPU backend on Linux (the "Linux BLAS trap").
+
+The Linux `mlx[cpu]` wheel links the netlib reference BLAS: fp32 GEMM runs at ~4 GFLOP/s where OpenBLAS
+reaches 40-200 on the same cores. MLX resolves `cblas_sgemm` (and `cblas_dgemm`, `cblas_cgemm`) when
+`libmlx.so` loads, searching the process's global symbol scope first. So a library that defines those
+symbols and is loaded with RTLD_GLOBAL *before* `mlx.core` wins, and MLX's GEMMs run on OpenBLAS, with no
+change to MLX itself. LAPACK calls (linalg) stay on the bundled reference library.
+
+The OpenBLAS comes from PyPI's `scipy-openblas32` (a dependency on Linux). Its symbols carry a `scipy_`
+prefix, so a three-function C shim forwards `cblas_?gemm` to `scipy_cblas_?gemm`. The shim is compiled
+once per machine with the C compiler that MLX's CPU backend already needs (its kernels are JIT-compiled),
+and cached. Nothing here runs on macOS, where MLX uses Metal and Accelerate.
+
+Off switch: `POET_MLX_BLAS=reference` in the environment (the CLI's `--reference-blas` sets it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+ENV_SWITCH = "POET_MLX_BLAS"
+
+SHIM_SOURCE = r"""
+/* poet-mlx: forward MLX's CBLAS GEMM calls to scipy-openblas32 (symbols prefixed scipy_). */
+extern void scipy_cblas_sgemm(int, int, int, int, int, int, float, const float *, int, const float *, int,
+                              float, float *, int);
+extern void scipy_cblas_dgemm(int, int, int, int, int, int, double, const double *, int, const double *, int,
+                              double, double *, int);
+extern void scipy_cblas_cgemm(int, int, int, int, int, int, const void *, const void *, int, const void *,
+                              int, const void *, void *, int);
+void cblas_sgemm(int o, int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
+                 const float *b, int ldb, float beta, float *c, int ldc) {
+  scipy_cblas_sgemm(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+void cblas_dgemm(int o, int ta, int tb, int m, int n, int k, double alpha, const double *a, int lda,
+                 const double *b, int ldb, double beta, double *c, int ldc) {
+  scipy_cblas_dgemm(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+void cblas_cgemm(int o, int ta, int tb, int m, int n, int k, const void *alpha, const void *a, int lda,
+                 const void *b, int ldb, const void *beta, void *c, int ldc) {
+  scipy_cblas_cgemm(o, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+"""
+
+
+@dataclass
+class BlasStatus:
+    """What `enable_fast_blas` did: `active` is True when MLX's GEMMs go to OpenBLAS."""
+
+    active: bool = False
+    reason: str = "not attempted"
+    library: Optional[str] = None
+
+
+STATUS = BlasStatus()
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("POET_MLX_CACHE", Path.home() / ".cache" / "poet-mlx")) / "blas"
+
+
+def _build_shim(lib_dir: Path) -> Path:
+    """Compile (once) the forwarding shim against the OpenBLAS in `lib_dir`; returns the .so path."""
+    key = hashlib.sha256((SHIM_SOURCE + str(lib_dir)).encode()).hexdigest()[:16]
+    out = _cache_root() / key / "libpoet_blas_shim.so"
+    if out.is_file():
+        return out
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not compiler:
+        raise RuntimeError("no C compiler (cc/gcc/clang) on PATH")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    src = out.parent / "shim.c"
+    src.write_text(SHIM_SOURCE)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}")
+    cmd = [compiler, "-O2", "-shared", "-fPIC", str(src), "-o", str(tmp), f"-L{lib_dir}", "-lscipy_openblas",
+           f"-Wl,-rpath,{lib_dir}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"compiling the BLAS shim failed: {result.stderr.strip()[:300]}")
+    os.replace(tmp, out)  # atomic: concurrent processes may race to build it
+    return out
+
+
+def enable_fast_blas() -> BlasStatus:
+    """Route MLX's CPU GEMMs to OpenBLAS. Call before `mlx.core` is imported; safe to call twice.
+
+    Never raises: on any failure MLX keeps its reference BLAS (slower, same results up to rounding) and
+    STATUS.reason says why.
+    """
+    global STATUS
+    if STATUS.active:
+        return STATUS
+    if not sys.platform.startswith("linux"):
+        STATUS = BlasStatus(False, "not Linux: MLX uses Metal/Accelerate")
+    elif os.environ.get(ENV_SWITCH, "").lower() in ("reference", "off", "0", "no"):
+        STATUS = BlasStatus(False, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
+    elif "mlx.core" in sys.modules:
+        STATUS = BlasStatus(False, "mlx.core was imported before poet_mlx; MLX keeps its reference BLAS")
+    else:
+        STATUS = _load()
+    return STATUS
+
+
+def _load() -> BlasStatus:
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return BlasStatus(False, "scipy-openblas32 is not installed (pip install scipy-openblas32)")
+    try:
+        lib_dir = Path(scipy_openblas32.get_lib_dir())
+        ctypes.CDLL(str(lib_dir / "libscipy_openblas.so"), mode=ctypes.RTLD_GLOBAL)
+        shim = _build_shim(lib_dir)
+        ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        return BlasStatus(False, f"OpenBLAS not loaded ({exc}); MLX keeps its reference BLAS")
+    return BlasStatus(True, "OpenBLAS (scipy-openblas32) for MLX's CPU matmuls", str(shim))

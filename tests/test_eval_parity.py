@@ -1,0 +1,235 @@
+"""Acceptance check: `poet-mlx eval`'s per-pair numbers agree with an independent float64 reference.
+
+The CLI runs in-process on the tiny model and writes its per-pair JSONL. The reference side shares nothing
+with poet-mlx's batching, masking or losses: for every pair it runs the MLX model (`mlx_lm.load` of the folder,
+with `adapter_path=` for a trained run) on ONE unpadded sequence, prompt + full response ids from
+`tokenize_pairs`, takes the logits as float64 numpy, computes log-softmax token log-probs in numpy, applies the
+POET cut and the loss with `reference_numpy`, and sums. The reference model of DPO is always the base model.
+
+Agreement: rtol 1e-5 on every value, with a small absolute floor for values that are differences of nearly
+equal sums (DPO rewards when policy == reference). Measured on CPU: worst relative difference ~3e-7 on
+log-probs and losses.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import run_config
+
+try:  # tests/ as a package or as a plain folder on sys.path
+    from . import reference_numpy as ref
+except ImportError:
+    import reference_numpy as ref
+
+MAX_LENGTH, MAX_PROMPT_LENGTH = 128, 32
+BETA = {"dpo": 0.1, "simpo": 2.0}
+GAMMA_BETA_RATIO = 0.5
+RTOL = 1e-5
+ATOL = 1e-6
+"""Absolute floor for near-zero values (rewards, margins and log-ratios when policy ~= reference)."""
+
+MAX_REL: dict[str, float] = {}
+"""Worst relative difference seen per metric (printed by the last test with -s; for reports)."""
+
+
+# ------------------------------------------------------------------ the independent reference side
+
+
+def response_token_logps(model, prompt: np.ndarray, response: np.ndarray) -> np.ndarray:
+    """float64 log-probs of each response token, from one unpadded forward over prompt + response."""
+    seq = np.concatenate([prompt, response]).astype(np.int32)
+    logits = model(mx.array(seq[None, :-1]))
+    logits = np.asarray(logits.astype(mx.float32), dtype=np.float64)  # (1, T-1, V)
+    per_token = ref.token_logps(logits, seq[None, 1:])[0]  # numpy log-softmax, float64
+    out = per_token[len(prompt) - 1 :]
+    assert len(out) == len(response)
+    return out
+
+
+def all_response_logps(model, pairs) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(response_token_logps(model, p.prompt, p.chosen), response_token_logps(model, p.prompt, p.rejected))
+            for p in pairs]
+
+
+def expected_rows(pairs, policy, reference, loss, poet, ratio=1.0, sft_weight=0.0) -> list[dict]:
+    """Per-pair metrics from reference_numpy; `policy`/`reference` are per-token float64 log-probs."""
+    beta = BETA[loss]
+    rows = []
+    for i, p in enumerate(pairs):
+        n_c, n_r = len(p.chosen), len(p.rejected)
+        if poet:
+            k = ref.poet_k(n_c, n_r, ratio)
+            n_c = n_r = k
+        pol_c, pol_r = policy[i]
+        pc, pr = pol_c[:n_c].sum(), pol_r[:n_r].sum()
+        row = {"num_tokens/chosen": n_c, "num_tokens/rejected": n_r}
+        if loss == "dpo":
+            rc, rr = reference[i][0][:n_c].sum(), reference[i][1][:n_r].sum()
+            value, reward_c, reward_r = ref.dpo(pc, pr, rc, rr, beta)
+            row.update({"ref_logps/chosen": rc, "ref_logps/rejected": rr})
+        else:
+            value, reward_c, reward_r = ref.simpo(pc, pr, n_c, n_r, beta, GAMMA_BETA_RATIO)
+            if sft_weight:
+                # The SFT term scores the FULL chosen response, whatever POET cuts.
+                nll = ref.sft_term(pol_c.sum(), len(p.chosen), 1.0)
+                row["sft_nll"] = nll
+                value = value + sft_weight * nll
+        row.update({k: float(v) for k, v in ref.metrics(value, reward_c, reward_r, pc, pr).items()})
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def eval_file(tiny_data_dir):
+    return tiny_data_dir / "valid.jsonl"
+
+
+@pytest.fixture(scope="module")
+def base_side(tiny_model_dir, eval_file):
+    """(pairs, base model per-token log-probs), tokenized exactly as `poet-mlx eval` does."""
+    from mlx_lm import load
+
+    from poet_mlx.data import load_split
+    from poet_mlx.tokenization import tokenize_pairs
+
+    model, tokenizer = load(str(tiny_model_dir))
+    cfg = run_config(tiny_model_dir, eval_file, "unused", max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH)
+    rows, _ = load_split(cfg.data, "train")  # a file is scored whole, as its "train" split
+    pairs, _ = tokenize_pairs(rows, tokenizer, MAX_LENGTH, MAX_PROMPT_LENGTH, chat_template=True)
+    assert len(pairs) == 16
+    assert any(len(p.chosen) != len(p.rejected) for p in pairs), "POET must have something to cut"
+    return pairs, all_response_logps(model, pairs)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    """A run folder with LoRA adapters after 3 DPO+POET steps (so policy != reference)."""
+    from poet_mlx.pipeline import run_training
+
+    run = tmp_path_factory.mktemp("parity_run") / "run"
+    with pytest.MonkeyPatch.context() as mp:  # module scope: keep the reference cache out of ~/.cache
+        mp.setenv("POET_MLX_CACHE", str(tmp_path_factory.mktemp("parity_cache")))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        summary = run_training(run_config(tiny_model_dir, tiny_data_dir, run, iters=3, poet=True, loss="dpo",
+                                          max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH))
+    assert summary["steps"] == 3
+    return run
+
+
+@pytest.fixture(scope="module")
+def tuned_logps(tiny_model_dir, trained_run, base_side):
+    from mlx_lm import load
+
+    model, _ = load(str(tiny_model_dir), adapter_path=str(trained_run))
+    pairs, base = base_side
+    tuned = all_response_logps(model, pairs)
+    # The adapters really moved the policy away from the reference.
+    assert max(abs(t[0].sum() - b[0].sum()) for t, b in zip(tuned, base)) > 1e-2
+    return tuned
+
+
+# ------------------------------------------------------------------ the CLI side
+
+
+def cli_eval(tmp_path, model_dir, data_file, loss, poet, adapter=None, ratio=None, sft_weight=None) -> list[dict]:
+    from poet_mlx.cli.main import main
+
+    out = tmp_path / "pairs.jsonl"
+    argv = ["eval", "--model", str(model_dir), "--data", str(data_file), "--output", str(out), "--quiet",
+            "--loss", loss, "--beta", str(BETA[loss]), "--batch-size", "4",
+            "--max-length", str(MAX_LENGTH), "--max-prompt-length", str(MAX_PROMPT_LENGTH),
+            "--poet" if poet else "--no-poet"]
+    if loss == "simpo":
+        argv += ["--gamma-beta-ratio", str(GAMMA_BETA_RATIO), "--sft-weight", str(sft_weight or 0.0)]
+    if ratio is not None:
+        argv += ["--poet-ratio", str(ratio)]
+    if adapter is not None:
+        argv += ["--adapter-path", str(adapter)]
+    assert main(argv) == 0
+    return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+
+
+def assert_rows_match(got: list[dict], want: list[dict], label: str) -> None:
+    assert [r["index"] for r in got] == list(range(len(want))), "one row per pair, in input order"
+    expected_keys = set(want[0]) | {"index"}
+    assert expected_keys <= set(got[0]), f"missing keys: {expected_keys - set(got[0])}"
+    for key in want[0]:
+        if key == "rewards/accuracies":
+            continue
+        g = np.array([r[key] for r in got], dtype=np.float64)
+        w = np.array([r[key] for r in want], dtype=np.float64)
+        assert np.all(np.isfinite(g)), f"{label}: {key} not finite"
+        rel = np.abs(g - w) / np.maximum(np.abs(w), 1e-30)
+        ok = np.abs(g - w) <= RTOL * np.abs(w) + ATOL
+        MAX_REL[key] = max(MAX_REL.get(key, 0.0), float(np.where(np.abs(w) > 1e-3, rel, 0.0).max()))
+        bad = np.flatnonzero(~ok)
+        assert ok.all(), (f"{label}: {key} differs at pairs {bad.tolist()}: got {g[bad].tolist()}, "
+                          f"want {w[bad].tolist()} (max rel {rel.max():.2e})")
+    # Accuracies are (reward_c > reward_r): compare where the margin is clearly away from the tolerance.
+    margins = np.array([r["rewards/margins"] for r in want])
+    decided = np.abs(margins) > 10 * (RTOL * np.abs(margins) + ATOL)
+    g_acc = np.array([r["rewards/accuracies"] for r in got])
+    w_acc = np.array([r["rewards/accuracies"] for r in want])
+    assert set(np.unique(g_acc)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(g_acc[decided], w_acc[decided], err_msg=f"{label}: rewards/accuracies")
+
+
+# ------------------------------------------------------------------ the checks
+
+
+@pytest.mark.parametrize("loss", ["dpo", "simpo"])
+@pytest.mark.parametrize("poet", [False, True], ids=["full", "poet"])
+def test_eval_matches_reference_base_model(loss, poet, tiny_model_dir, eval_file, base_side, tmp_path):
+    pairs, base = base_side
+    got = cli_eval(tmp_path, tiny_model_dir, eval_file, loss, poet)
+    want = expected_rows(pairs, base, base, loss, poet)
+    assert_rows_match(got, want, f"{loss} poet={poet} base")
+    if poet:
+        assert all(r["num_tokens/chosen"] == r["num_tokens/rejected"] for r in got)
+        assert any(r["num_tokens/chosen"] < max(len(p.chosen), len(p.rejected)) for r, p in zip(got, pairs))
+
+
+@pytest.mark.parametrize("loss", ["dpo", "simpo"])
+@pytest.mark.parametrize("poet", [False, True], ids=["full", "poet"])
+def test_eval_matches_reference_with_trained_adapters(loss, poet, tiny_model_dir, eval_file, base_side,
+                                                      trained_run, tuned_logps, tmp_path):
+    """Policy = base + adapters from 3 training steps; DPO's reference stays the base model."""
+    pairs, base = base_side
+    got = cli_eval(tmp_path, tiny_model_dir, eval_file, loss, poet, adapter=trained_run)
+    want = expected_rows(pairs, tuned_logps, base, loss, poet)
+    assert_rows_match(got, want, f"{loss} poet={poet} adapters")
+    if loss == "dpo":  # policy != reference shows in the rewards
+        assert max(abs(r["rewards/chosen"]) for r in got) > 1e-3
+
+
+def test_eval_poet_ratio_half(tiny_model_dir, eval_file, base_side, tuned_logps, trained_run, tmp_path):
+    """The paper's ablation r = 0.5: both responses scored on floor(0.5 * k) tokens, policy and reference."""
+    pairs, base = base_side
+    got = cli_eval(tmp_path, tiny_model_dir, eval_file, "dpo", True, adapter=trained_run, ratio=0.5)
+    want = expected_rows(pairs, tuned_logps, base, "dpo", True, ratio=0.5)
+    assert_rows_match(got, want, "dpo poet ratio 0.5")
+    assert [r["num_tokens/chosen"] for r in got] == [min(len(p.chosen), len(p.rejected)) // 2 for p in pairs]
+
+
+def test_eval_simpo_sft_term_uses_full_chosen(tiny_model_dir, eval_file, base_side, tmp_path):
+    """SimPO + POET + sft_weight: preference on the cut pair, SFT NLL on the whole chosen response."""
+    pairs, base = base_side
+    got = cli_eval(tmp_path, tiny_model_dir, eval_file, "simpo", True, sft_weight=0.5)
+    want = expected_rows(pairs, base, None, "simpo", True, sft_weight=0.5)
+    assert "sft_nll" in got[0]
+    assert_rows_match(got, want, "simpo poet sft")
+
+
+def test_report_max_relative_differences():
+    """Not a check: prints the worst relative differences seen above (run with -s)."""
+    if MAX_REL:
+        print("\nmax relative differences (|value| > 1e-3):",
+              ", ".join(f"{k} {v:.1e}" for k, v in sorted(MAX_REL.items())))
