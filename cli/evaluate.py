@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Score held-out preference pairs: TRL's metrics (rewards/accuracies, rewards/margins, logps/...). "
         "With --adapter-path, the loss settings (loss, beta, POET) default to the run's own."))
     p.add_argument("-c", "--config", help="YAML file of settings.")
-    p.add_argument("--adapter-path", help="A run folder with adapters (omit to score the base model).")
+    # dest differs from the training setting `adapter_path` (the run folder to write): here it is read only.
+    p.add_argument("--adapter-path", dest="run_path", help="A run folder with adapters (omit to score the base model).")
     p.add_argument("--output", help="Write one JSON object per pair, in input order, to this JSONL file.")
     add_config_flags(p, skip=EVAL_SKIP)
     add_output_flags(p)
@@ -37,16 +38,16 @@ def _eval(args) -> int:
     from poet_mlx.fsutil import write_text_atomic
     from poet_mlx.pipeline import run_evaluation, saved_config
 
-    if args.adapter_path:
+    if args.run_path:
         # Score the run the way it was trained unless told otherwise.
-        saved = saved_config(Path(args.adapter_path))
+        saved = saved_config(Path(args.run_path))
         for key in ("loss", "beta", "gamma_beta_ratio", "label_smoothing", "sft_weight", "poet", "poet_ratio",
                     "max_length", "max_prompt_length", "chat_template", "system_prompt", "model"):
             if not hasattr(args, key) and saved.get(key) is not None:
                 setattr(args, key, saved[key])
     cfg = build_config(args)
     reporter = make_reporter(plain=True, quiet=args.quiet or not args.plain, title="poet-mlx eval")
-    means, rows = run_evaluation(cfg, args.adapter_path, reporter)
+    means, rows = run_evaluation(cfg, args.run_path, reporter)
     if args.output:
         write_text_atomic(args.output, "".join(json.dumps(r) + "\n" for r in rows))
     if not args.quiet:
@@ -58,7 +59,7 @@ def _print(means: dict, cfg, args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"eval on {cfg.data.data}" + (f" with {args.adapter_path}" if args.adapter_path else " (base)"),
+    t = Table(title=f"eval on {cfg.data.data}" + (f" with {args.run_path}" if args.run_path else " (base)"),
               title_justify="left")
     t.add_column("metric")
     t.add_column("value", justify="right")
