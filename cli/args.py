@@ -52,7 +52,7 @@ def build_config(args: argparse.Namespace, need_data: bool = True) -> RunConfig:
     return cfg
 
 
-RESUMABLE_CHANGES = {"resume", "overwrite", "iters", "epochs", "steps_per_report", "steps_per_eval", "save_every"}
+RESUMABLE_CHANGES = {"resume", "adapter_path", "iters", "epochs", "steps_per_report", "steps_per_eval", "save_every"}
 
 
 def resume_config(saved: dict, given: dict) -> RunConfig:
@@ -61,6 +61,9 @@ def resume_config(saved: dict, given: dict) -> RunConfig:
     A resumed run continues exactly only with the settings it started with, so any other difference the
     user asked for is an error rather than silently ignored.
     """
+    if given.get("overwrite"):
+        raise PoetError("--resume and --overwrite exclude each other: --resume continues the run, --overwrite "
+                        "starts it over; pick one")
     cfg = RunConfig.from_flat(saved, source="saved run config")
     asked = RunConfig.from_flat(given, source="command line").to_flat()
     conflicts = [f"{k}: the run has {saved.get(k)!r}, asked {asked[k]!r}" for k in given

@@ -30,12 +30,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args) -> int:
     from poet_mlx.config import TrainConfig
+    from poet_mlx.errors import PoetError
     from poet_mlx.pipeline import run_training, saved_config
 
     if getattr(args, "resume", False):
         # A resumed run takes its settings from its folder; model and data need not be given again.
+        if args.config:
+            raise PoetError("--resume takes the run's saved settings; drop -c (change iters or epochs with "
+                            "flags to extend the run)")
         run = Path(getattr(args, "adapter_path", TrainConfig.adapter_path))
         cfg = resume_config(saved_config(run), given_flags(args))
+        cfg.train.adapter_path = str(run)  # the folder may have moved since the run started
     else:
         cfg = build_config(args)
     reporter = make_reporter(args.plain, args.quiet)
@@ -45,6 +50,6 @@ def _train(args) -> int:
                 summary = run_training(cfg, reporter, should_stop=stop)
         else:
             summary = run_training(cfg, reporter, should_stop=stop)
-    if not args.quiet:
-        print_summary(summary)
+    if not args.quiet and isinstance(reporter, DashboardReporter):
+        print_summary(summary)  # plain mode already printed the summary as its `done` line
     return stop.exit_code if summary["interrupted"] else 0

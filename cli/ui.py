@@ -81,7 +81,7 @@ class PlainReporter(Reporter):
         self._emit(kv_line("checkpoint", {"step": step, "path": path}))
 
     def warning(self, message):
-        print(f"warning {message}", file=self.stream, flush=True)
+        print(kv_line("warning", {"message": message}), file=self.stream, flush=True)
 
     def done(self, summary):
         flat = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}

@@ -201,6 +201,24 @@ def _suggest(word: str, options, quote: bool = False) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def _yaml_loader():
+    """A SafeLoader that reads `5e-6` as a float (YAML 1.1 wants `5.0e-6`), without touching yaml's globals."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return Loader
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a flat YAML config. Errors name the file."""
     import yaml
@@ -209,7 +227,7 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise PoetError(f"config file not found: {path}")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -68,8 +68,7 @@ def load_split(cfg: DataConfig, split: str) -> tuple[list[PreferenceRow], LoadRe
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if not cfg.data:
-        raise PoetError("no data given: pass --data FILE_OR_FOLDER_OR_HUB_ID")
+    check_source(cfg)
     path = Path(cfg.data).expanduser()
     if path.is_file():
         if split != "train":
@@ -80,12 +79,18 @@ def load_split(cfg: DataConfig, split: str) -> tuple[list[PreferenceRow], LoadRe
         if found is None:
             return [], _absent(str(path), f"no {split} data in folder {path}")
         rows, report = load_rows_from_file(found, cfg.skip_invalid)
-    elif _looks_like_hub_id(cfg.data):
+    else:  # hub-id shaped (check_source ruled out the rest)
         rows, report = _load_hub(cfg, split)
-    else:
+    return apply_system_prompt(rows, cfg.system_prompt), report
+
+
+def check_source(cfg: DataConfig) -> None:
+    """Fail fast, before a model loads, when `cfg.data` is neither a local path nor hub-id shaped."""
+    if not cfg.data:
+        raise PoetError("no data given: pass --data FILE_OR_FOLDER_OR_HUB_ID")
+    if not Path(cfg.data).expanduser().exists() and not _looks_like_hub_id(cfg.data):
         raise PoetError(f"data file not found: {cfg.data} (pass a .jsonl/.json/.parquet file, a folder with "
                         "train/valid files, or a Hugging Face dataset id like owner/name)")
-    return apply_system_prompt(rows, cfg.system_prompt), report
 
 
 def apply_system_prompt(rows: list[PreferenceRow], system_prompt: Optional[str]) -> list[PreferenceRow]:

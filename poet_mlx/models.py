@@ -46,7 +46,10 @@ def _download(repo: str, revision: Optional[str]) -> Path:
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # offline, unknown repo, gated repo, bad token: all user-fixable
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        lines = str(exc).strip().splitlines()
+        reason = lines[0] if lines else type(exc).__name__
+        if len(reason) > 200:
+            reason = reason[:200].rsplit(" ", 1)[0] + "..."
         raise PoetError(
             f"could not get model '{repo}' from the Hugging Face hub ({type(exc).__name__}: {reason}). "
             "Check the id and your network (or HF_TOKEN for gated models), or pass a local model folder"

@@ -102,7 +102,7 @@ def fill_reference(sets, cfg: RunConfig, policy, policy_path, tokenizer, reporte
         label = f"reference log-probs ({name})"
         reporter.phase(label, 0, len(s))
         s.ref, reused = reference_token_logps(model, path, s.pairs, REFERENCE_BATCH, pad_id(tokenizer),
-                                              progress=lambda d, t: reporter.phase(label, d, t))
+                                              progress=lambda d, t: d < t and reporter.phase(label, d, t))
         reporter.phase(label, len(s), len(s), note="reused from cache" if reused else "computed")
     if model is not policy:
         del model
@@ -132,8 +132,11 @@ def run_training(cfg: RunConfig, reporter: Reporter | None = None,
 
     from .trainer import Trainer
 
+    from .data import check_source
+
     reporter = reporter or Reporter()
     t, run = cfg.train, Path(cfg.train.adapter_path)
+    check_source(cfg.data)
     prepare_run_folder(run, t.resume, t.overwrite)
     reporter.phase("loading model", 0, None)
     model, tokenizer, path = load_model(cfg.model.model, cfg.model.revision, cfg.model.trust_remote_code)

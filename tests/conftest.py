@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# Before anything imports huggingface_hub (it reads the variable once): tests never touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 import poet_mlx  # noqa: F401  (first: routes MLX CPU matmuls to OpenBLAS before mlx.core loads)
 
 import pytest
