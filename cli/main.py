@@ -11,6 +11,12 @@ COMMANDS = {
     "train": ("poet_mlx.cli.train", "Align a model with DPO/SimPO (+POET) through LoRA adapters."),
     "eval": ("poet_mlx.cli.evaluate", "Held-out preference metrics of a model, with or without adapters."),
     "demo": ("poet_mlx.cli.demo", "Offline built-in demo: tiny model, synthetic task, DPO+POET."),
+    "data": ("poet_mlx.cli.data", "Preflight a preference dataset: `poet-mlx data check DATA`."),
+    "report": ("poet_mlx.cli.report", "Charts of a run (terminal and HTML), runs compared."),
+    "fuse": ("poet_mlx.cli.fuse", "Fuse adapters into a standalone model (optionally dequantized for HF)."),
+    "export": ("poet_mlx.cli.export", "Export adapters to Hugging Face PEFT format."),
+    "chat": ("poet_mlx.cli.chat", "Chat with the aligned model in the terminal (--compare: base vs aligned)."),
+    "generate": ("poet_mlx.cli.generate", "Generate replies for a prompt or a file of prompts (JSONL out)."),
 }
 
 
