@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -151,6 +152,39 @@ def enable_grad_checkpoint(model) -> None:
 
         layer.__class__ = type(f"Checkpointed{base.__name__}", (base,),
                                {"__call__": checkpointed, "_poet_checkpointed": True})
+
+
+def _adapter_layers(model) -> list[tuple[str, object, object]]:
+    """(name, adapter module, wrapped base module) for every mlx-lm LoRA/DoRA layer in `model`."""
+    from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, (LoRALinear, LoRASwitchLinear, DoRALinear)):
+            out.append((name, module, module.linear))
+        elif isinstance(module, (LoRAEmbedding, DoRAEmbedding)):
+            out.append((name, module, module.embedding))
+    return out
+
+
+@contextmanager
+def adapters_disabled(model):
+    """Run `model` as its base inside the block: adapter layers are swapped for the modules they wrap.
+
+    Exact for LoRA and DoRA alike (zeroing a DoRA scale would still apply its magnitude vector). The
+    adapters are put back on exit, even after an exception. A model without adapters is left as it is.
+    """
+    from mlx.utils import tree_unflatten
+
+    layers = _adapter_layers(model)
+    if layers:
+        model.update_modules(tree_unflatten([(name, base) for name, _, base in layers]))
+    try:
+        yield model
+    finally:
+        if layers:
+            model.update_modules(tree_unflatten([(name, adapter) for name, adapter, _ in layers]))
 
 
 def _trainable_leaves(model):

@@ -161,3 +161,22 @@ def test_loss_falls_on_the_demo_task(tiny_model_dir, tiny_data_dir, tmp_path):
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1
     evals = [r for r in read_metrics(run) if "eval_loss" in r]
     assert evals[-1]["eval_rewards/accuracies"] > 0.8
+
+
+@pytest.mark.parametrize("fine_tune_type", ["lora", "dora"])
+def test_adapters_disabled_gives_the_base_model_exactly(tiny_model_dir, tiny_data_dir, tmp_path, fine_tune_type):
+    from mlx_lm.utils import load
+
+    from poet_mlx.models import adapters_disabled
+
+    run = tmp_path / "run"
+    run_training(run_config(tiny_model_dir, tiny_data_dir, run, fine_tune_type=fine_tune_type, iters=2))
+    base, _ = load(str(tiny_model_dir))
+    tuned, _ = load(str(tiny_model_dir), adapter_path=str(run))
+    x = mx.array([[5, 40, 41, 42, 3]])
+    with_adapters = np.asarray(tuned(x))
+    with adapters_disabled(tuned):
+        off = np.asarray(tuned(x))
+    assert np.array_equal(off, np.asarray(base(x)))
+    assert not np.allclose(with_adapters, off)
+    assert np.array_equal(np.asarray(tuned(x)), with_adapters)  # restored
