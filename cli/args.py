@@ -52,7 +52,8 @@ def build_config(args: argparse.Namespace, need_data: bool = True) -> RunConfig:
     return cfg
 
 
-RESUMABLE_CHANGES = {"resume", "adapter_path", "iters", "epochs", "steps_per_report", "steps_per_eval", "save_every"}
+RESUMABLE_CHANGES = {"resume", "adapter_path", "iters", "epochs", "steps_per_report", "steps_per_eval", "save_every",
+                     "skip_nonfinite"}
 
 
 def resume_config(saved: dict, given: dict) -> RunConfig:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from poet_mlx.cli.common import add_output_flags, graceful_stop, run_guarded
-from poet_mlx.cli.ui import DashboardReporter, fmt, make_reporter, print_summary
+from poet_mlx.cli.ui import fmt, make_reporter, print_summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,12 +43,8 @@ def _demo(args) -> int:
     model_dir, data_dir = build_demo(folder, spec)
     say(f"demo: tiny llama in {model_dir}, {spec.train_pairs} train / {spec.valid_pairs} held-out pairs in {data_dir}")
     cfg = demo_config(model_dir, data_dir, folder / "run", spec, poet=args.poet)
-    reporter = make_reporter(args.plain, args.quiet, title="poet-mlx demo")
     with graceful_stop() as stop:
-        if isinstance(reporter, DashboardReporter):
-            with reporter:
-                summary = run_training(cfg, reporter, should_stop=stop)
-        else:
+        with make_reporter(args.plain, args.quiet, title="poet-mlx demo", stop=stop) as reporter:
             summary = run_training(cfg, reporter, should_stop=stop)
     before, after = before_after(read_metrics(folder / "run"))
     if not args.quiet:
@@ -72,5 +68,5 @@ def _print_change(before: dict, after: dict, poet: bool, seconds: float, summary
     c.print(t)
     c.print("Before training the policy equals the reference, so every implicit reward is 0 up to float "
             "rounding (|margin| < 1e-5): the accuracy before is a coin toss on rounding noise. After, it is the "
-            "share of held-out pairs whose chosen reply gets the higher reward. Steps: {summary['steps']}, step time {summary['train_seconds'] / max(1, summary['steps']):.3f} s, "
+            f"share of held-out pairs whose chosen reply gets the higher reward. Steps: {summary['steps']}, step time {summary['train_seconds'] / max(1, summary['steps']):.3f} s, "
             f"total {seconds:.0f} s.")

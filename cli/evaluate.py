@@ -8,7 +8,7 @@ from pathlib import Path
 
 from poet_mlx.cli.args import add_config_flags, build_config
 from poet_mlx.cli.common import add_output_flags, run_guarded
-from poet_mlx.cli.ui import fmt, make_reporter
+from poet_mlx.cli.ui import make_reporter, metrics_table
 
 EVAL_SKIP = {"adapter_path", "resume", "overwrite", "epochs", "iters", "learning_rate", "optimizer",
              "weight_decay", "lr_schedule", "warmup_ratio", "max_grad_norm", "grad_accumulation_steps",
@@ -46,8 +46,8 @@ def _eval(args) -> int:
             if not hasattr(args, key) and saved.get(key) is not None:
                 setattr(args, key, saved[key])
     cfg = build_config(args)
-    reporter = make_reporter(plain=True, quiet=args.quiet or not args.plain, title="poet-mlx eval")
-    means, rows = run_evaluation(cfg, args.run_path, reporter)
+    with make_reporter(args.plain, args.quiet, title="poet-mlx eval") as reporter:
+        means, rows = run_evaluation(cfg, args.run_path, reporter)
     if args.output:
         write_text_atomic(args.output, "".join(json.dumps(r) + "\n" for r in rows))
     if not args.quiet:
@@ -57,14 +57,8 @@ def _eval(args) -> int:
 
 def _print(means: dict, cfg, args) -> None:
     from rich.console import Console
-    from rich.table import Table
 
-    t = Table(title=f"eval on {cfg.data.data}" + (f" with {args.run_path}" if args.run_path else " (base)"),
-              title_justify="left")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for k, v in means.items():
-        t.add_row(k, fmt(v))
-    Console().print(t)
+    title = f"eval on {cfg.data.data}" + (f" with {args.run_path}" if args.run_path else " (base)")
+    Console().print(metrics_table(means, title))
     if args.output:
         Console().print(f"per-pair results: {args.output}")

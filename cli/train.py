@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from poet_mlx.cli.args import add_config_flags, build_config, given_flags, resume_config
 from poet_mlx.cli.common import add_output_flags, graceful_stop, run_guarded
-from poet_mlx.cli.ui import DashboardReporter, make_reporter, print_summary
+from poet_mlx.cli.ui import PlainReporter, make_reporter, print_summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,13 +44,9 @@ def _train(args) -> int:
         cfg.train.adapter_path = str(run)  # the folder may have moved since the run started
     else:
         cfg = build_config(args)
-    reporter = make_reporter(args.plain, args.quiet)
-    with graceful_stop() as stop:
-        if isinstance(reporter, DashboardReporter):
-            with reporter:
-                summary = run_training(cfg, reporter, should_stop=stop)
-        else:
-            summary = run_training(cfg, reporter, should_stop=stop)
-    if not args.quiet and isinstance(reporter, DashboardReporter):
-        print_summary(summary)  # plain mode already printed the summary as its `done` line
+    tic = time.monotonic()
+    with graceful_stop() as stop, make_reporter(args.plain, args.quiet, stop=stop) as reporter:
+        summary = run_training(cfg, reporter, should_stop=stop)
+    if not isinstance(reporter, PlainReporter):  # plain mode printed the summary as its `done` line
+        print_summary(summary, wall_seconds=time.monotonic() - tic)
     return stop.exit_code if summary["interrupted"] else 0

@@ -1,26 +1,40 @@
-"""Reporters that draw: a live rich dashboard for terminals and a plain line mode for pipes and CI.
+"""What the commands print: the plain line format, the reporter choice, and the end-of-run tables.
 
-Both implement `poet_mlx.reporting.Reporter`. Plain lines read `KIND key=value key=value ...` with the
-metric names of metrics.jsonl, so they parse line by line.
+Two reporters implement `poet_mlx.reporting.Reporter`: `DashboardReporter` (cli/dashboard.py), a live rich
+panel for terminals, and `PlainReporter`, one line per event for pipes and CI. Both are context managers, so
+a command reads `with make_reporter(...) as reporter: run_training(cfg, reporter)`.
+
+Plain lines (logfmt): `KIND key=value key=value ...`, one event per line, no control codes.
+KIND is one of phase, run, train, eval, checkpoint, warning, done (and report, from `poet-mlx report`).
+A phase has state=start, progress (at most every PHASE_PROGRESS_SECONDS) or done (with its seconds). Keys
+are the metric names of metrics.jsonl (loss, rewards/margins, ...). A value holding a space, a quote or an
+`=`, or an empty one, is written as a JSON string in double quotes (`note="reused from cache"`); lists of
+plain values are joined by commas; absent (None) values are left out. `parse_plain_line` reads a line back.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import shlex
 import sys
 import time
-from collections import deque
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 from poet_mlx.reporting import Reporter
 
-SPARK = "▁▂▃▄▅▆▇█"
-LIVE_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
-                "learning_rate", "grad_norm", "tokens_per_second", "pairs_per_second", "peak_memory_gb",
-                "adapter_change")
+PLAIN_KINDS = ("phase", "run", "train", "eval", "checkpoint", "warning", "done", "report")
+_PAIR = r'[^\s="]+=(?:"(?:[^"\\]|\\.)*"|[^\s"]*)'
+PLAIN_LINE = re.compile(rf"^(?P<kind>[a-z]+)(?P<pairs>(?: {_PAIR})*)$")
+"""A plain line: KIND, then ` key=value` pairs; a value is bare (no space or quote) or a JSON string."""
+PHASE_PROGRESS_SECONDS = 15.0
+"""Plain mode repeats a long phase's progress at most this often (a CI log shows it is alive)."""
 
 
 def fmt(value: Any) -> str:
+    """A number for people: 4 significant digits, scientific when tiny or huge, thousands separators."""
     if isinstance(value, bool) or value is None:
         return str(value)
     if isinstance(value, int):
@@ -34,54 +48,122 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def sparkline(values, width: int = 40) -> str:
-    """Unicode bars of the last `width` values, scaled to their range."""
-    vals = [v for v in list(values)[-width:] if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not vals:
-        return ""
-    lo, hi = min(vals), max(vals)
-    span = hi - lo or 1.0
-    return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * (len(SPARK) - 1) + 0.5))] for v in vals)
+def duration(seconds: float) -> str:
+    """`m:ss` or `h:mm:ss`."""
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+# -- the plain line format -------------------------------------------------------------------------------
+
+
+def plain_value(value: Any) -> Optional[str]:
+    """The text of one value in a plain line, or None to leave the key out (None, dicts, nested lists)."""
+    if value is None or isinstance(value, dict):
+        return None
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(v, (str, int, float)) for v in value):
+            return None
+        value = ",".join(plain_value(v) if not isinstance(v, str) else v for v in value)
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return fmt(value)
+    text = str(value)
+    if text == "" or any(c.isspace() or c in '"=\\' for c in text):
+        return json.dumps(text, ensure_ascii=False)
+    return text
 
 
 def kv_line(kind: str, record: dict) -> str:
+    """`KIND key=value ...` (see the module docstring)."""
     parts = [kind]
     for k, v in record.items():
-        if isinstance(v, (list, dict)):
-            continue
-        text = fmt(v) if not isinstance(v, str) else v.replace(" ", "_")
-        parts.append(f"{k}={text.replace(',', '')}")
+        text = plain_value(v)
+        if text is not None:
+            parts.append(f"{k}={text}")
     return " ".join(parts)
 
 
-class PlainReporter(Reporter):
-    """One line per event, no control codes; `quiet` keeps warnings only (errors go to stderr anyway)."""
+def parse_plain_line(line: str) -> tuple[str, dict[str, str]]:
+    """(kind, {key: value text}) of a plain line; quoted values are unquoted. Raises ValueError otherwise."""
+    m = PLAIN_LINE.match(line)
+    if not m:
+        raise ValueError(f"not a plain report line: {line!r}")
+    pairs = {}
+    for item in re.findall(_PAIR, m["pairs"]):
+        key, value = item.split("=", 1)
+        pairs[key] = json.loads(value) if value.startswith('"') else value
+    return m["kind"], pairs
 
-    def __init__(self, stream=None, quiet: bool = False):
-        self.stream = stream or sys.stdout
+
+def record_kind(record: dict) -> str:
+    """train, eval or warning: which kind of metrics.jsonl record this is."""
+    if any(k.startswith("eval_") for k in record):
+        return "eval"
+    if "warning" in record and "loss" not in record:
+        return "warning"
+    return "train"
+
+
+class PlainReporter(Reporter):
+    """One line per event, no control codes; `quiet` prints nothing (errors go to stderr elsewhere).
+
+    Long phases print a start line, a progress line at most every `progress_seconds`, and a done line with
+    their duration. `clock` is injectable for tests.
+    """
+
+    def __init__(self, stream=None, quiet: bool = False, progress_seconds: float = PHASE_PROGRESS_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
+        self.stream = stream
         self.quiet = quiet
+        self.progress_seconds = progress_seconds
+        self.clock = clock
+        self._phases: dict[str, tuple[float, float]] = {}  # name -> (started, last line printed)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
     def _emit(self, line: str) -> None:
         if not self.quiet:
-            print(line, file=self.stream, flush=True)
+            print(line, file=self.stream or sys.stdout, flush=True)
 
     def phase(self, name, done=0, total=None, note=""):
-        if done == 0 or (total is not None and done >= total):
-            state = "start" if done == 0 and (total is None or total > 0) and not note else "done"
-            self._emit(kv_line("phase", {"name": name, "state": state, "total": total, "note": note or None}))
+        now = self.clock()
+        finished = total is not None and done >= total
+        if name not in self._phases:
+            self._phases[name] = (now, now)
+            if not finished:
+                self._emit(kv_line("phase", {"name": name, "state": "start", "total": total, "note": note or None}))
+                return
+        started, last = self._phases[name]
+        if finished:
+            del self._phases[name]
+            self._emit(kv_line("phase", {"name": name, "state": "done", "total": total,
+                                         "seconds": round(now - started, 2), "note": note or None}))
+        elif now - last >= self.progress_seconds:
+            self._phases[name] = (started, now)
+            self._emit(kv_line("phase", {"name": name, "state": "progress", "done": done, "total": total,
+                                         "note": note or None}))
 
     def header(self, info):
         self._emit(kv_line("run", info))
 
     def log(self, record):
-        kind = "eval" if any(k.startswith("eval_") for k in record) else "train"
-        self._emit(kv_line(kind, record))
+        self._emit(kv_line(record_kind(record), record))
 
     def checkpoint(self, step, path):
         self._emit(kv_line("checkpoint", {"step": step, "path": path}))
 
     def warning(self, message):
-        print(kv_line("warning", {"message": message}), file=self.stream, flush=True)
+        self._emit(kv_line("warning", {"message": message}))
 
     def done(self, summary):
         flat = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
@@ -90,203 +172,150 @@ class PlainReporter(Reporter):
         self._emit(kv_line("done", flat))
 
 
-class DashboardReporter(Reporter):
-    """A live rich dashboard: header, progress, metrics, sparklines, validation, events."""
+def make_reporter(plain: bool, quiet: bool, title: str = "poet-mlx train", stop: Optional[Callable] = None):
+    """The live dashboard on a terminal; plain lines when asked or when stdout is not a terminal (or a
+    dumb one); nothing with `quiet`. `stop` (the Ctrl-C flag) lets the dashboard say it is stopping."""
+    import os
 
-    def __init__(self, console=None, title: str = "poet-mlx train"):
-        from rich.console import Console
-        from rich.live import Live
-
-        self.console = console or Console()
-        self.title = title
-        self.info: dict = {}
-        self.phase_text = "starting"
-        self.latest: dict = {}
-        self.history = {"loss": deque(maxlen=200), "rewards/accuracies": deque(maxlen=200)}
-        self.evals: list[dict] = []
-        self.events: deque = deque(maxlen=4)
-        self.warnings: deque = deque(maxlen=3)
-        self.step_no, self.total = 0, 0
-        self.started = time.monotonic()
-        self.live = Live(self.render(), console=self.console, refresh_per_second=4, transient=False)
-
-    def __enter__(self):
-        self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.live.update(self.render())
-        self.live.__exit__(*exc)
-
-    def _refresh(self):
-        self.live.update(self.render())
-
-    # -- Reporter ---------------------------------------------------------------------------------------
-    def phase(self, name, done=0, total=None, note=""):
-        count = f" {done}/{total}" if total else ""
-        self.phase_text = f"{name}{count}" + (f" ({note})" if note else "")
-        self._refresh()
-
-    def header(self, info):
-        self.info = info
-        self._refresh()
-
-    def step(self, step, total, metrics):
-        self.step_no, self.total = step, total
-        self.latest.update(metrics)
-        for k in self.history:
-            if k in metrics:
-                self.history[k].append(metrics[k])
-        self.phase_text = "training"
-        self._refresh()
-
-    def log(self, record):
-        if any(k.startswith("eval_") for k in record):
-            self.evals.append(record)
-        else:
-            self.latest.update({k: v for k, v in record.items() if k in ("adapter_change", "peak_memory_gb")})
-        self._refresh()
-
-    def checkpoint(self, step, path):
-        self.events.append(f"step {step}: checkpoint saved to {path}")
-        self._refresh()
-
-    def warning(self, message):
-        self.warnings.append(message)
-        self._refresh()
-
-    def done(self, summary):
-        self.phase_text = "interrupted" if summary.get("interrupted") else "finished"
-        self._refresh()
-
-    # -- drawing ----------------------------------------------------------------------------------------
-    def render(self):
-        from rich.console import Group
-        from rich.panel import Panel
-        from rich.table import Table
-
-        parts = [self._header_panel(), self._progress_line()]
-        metrics = Table(show_header=True, header_style="bold", expand=False, box=None, padding=(0, 2))
-        metrics.add_column("metric")
-        metrics.add_column("value", justify="right")
-        for k in LIVE_METRICS:
-            if k in self.latest:
-                metrics.add_row(k, fmt(self.latest[k]))
-        charts = Table.grid(padding=(0, 1))
-        charts.add_column(style="dim")
-        charts.add_column()
-        for k, values in self.history.items():
-            if values:
-                charts.add_row(k, f"[cyan]{sparkline(values)}[/] {fmt(values[-1])}")
-        body = Table.grid(padding=(0, 3), expand=False)
-        body.add_column()
-        body.add_column()
-        body.add_row(metrics, charts)
-        parts.append(body)
-        if self.evals:
-            parts.append(self._eval_table())
-        for e in self.events:
-            parts.append(f"[green]•[/] {e}")
-        for w in self.warnings:
-            parts.append(f"[bold yellow]warning:[/] {w}")
-        return Panel(Group(*parts), title=self.title, border_style="blue")
-
-    def _header_panel(self):
-        from rich.table import Table
-
-        i = self.info
-        grid = Table.grid(padding=(0, 2))
-        for _ in range(4):
-            grid.add_column()
-        if not i:
-            grid.add_row("[dim]preparing...[/]", "", "", "")
-            return grid
-        loss = f"{i['loss']} beta={fmt(i['beta'])}" + (
-            f" gamma/beta={fmt(i['gamma_beta_ratio'])}" if i.get("gamma_beta_ratio") is not None else "")
-        poet = f"on (ratio {fmt(i['poet_ratio'])})" if i.get("poet") else "off"
-        grid.add_row("[bold]model[/]", str(i["model"]), "[bold]quantization[/]", str(i["quantization"]))
-        grid.add_row("[bold]params[/]", f"{fmt(i['trainable_params'])} trainable / {fmt(i['total_params'])}",
-                     "[bold]loss[/]", loss)
-        grid.add_row("[bold]POET[/]", poet, "[bold]adapters[/]",
-                     f"{i['fine_tune_type']} r={i['rank']} layers={i['num_layers']} {i['keys']}")
-        grid.add_row("[bold]data[/]", f"{i['train_pairs']} train / {i['valid_pairs']} valid ({i['data_format']})",
-                     "[bold]cut/dropped[/]", str(i["length_report"]))
-        return grid
-
-    def _progress_line(self):
-        from rich.progress_bar import ProgressBar
-        from rich.table import Table
-
-        elapsed = time.monotonic() - self.started
-        eta = ""
-        if self.step_no and self.total:
-            per = self.latest.get("step_seconds", 0.0)
-            eta = f"ETA {_duration(per * (self.total - self.step_no))}"
-        row = Table.grid(padding=(0, 1))
-        row.add_column(width=30)
-        row.add_column()
-        row.add_column()
-        bar = ProgressBar(total=max(1, self.total), completed=self.step_no, width=30)
-        row.add_row(bar, f"step {self.step_no}/{self.total}  elapsed {_duration(elapsed)}  {eta}",
-                    f"[dim]{self.phase_text}[/]")
-        return row
-
-    def _eval_table(self):
-        from rich.table import Table
-
-        t = Table(title="validation", title_justify="left", box=None, padding=(0, 2))
-        cols = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
-        t.add_column("step", justify="right")
-        for c in cols:
-            t.add_column(c, justify="right")
-        for r in self.evals[-3:]:
-            t.add_row(str(r["step"]), *[fmt(r.get(c)) for c in cols])
-        return t
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def make_reporter(plain: bool, quiet: bool, title: str = "poet-mlx train"):
-    """The dashboard on a terminal; plain lines otherwise (or when asked); quiet prints nothing."""
     if quiet:
         return PlainReporter(quiet=True)
-    if plain or not sys.stdout.isatty():
+    if plain or not sys.stdout.isatty() or os.environ.get("TERM") == "dumb":
         return PlainReporter()
-    return DashboardReporter(title=title)
+    from poet_mlx.cli.dashboard import DashboardReporter
+
+    return DashboardReporter(title=title, stop=stop)
 
 
-def print_summary(summary: dict, console=None) -> None:
-    """End-of-run table: final and best metrics, time, tokens, POET saving, memory, files, next commands."""
+def __getattr__(name):
+    # `from poet_mlx.cli.ui import DashboardReporter` keeps working without importing rich up front.
+    if name == "DashboardReporter":
+        from poet_mlx.cli.dashboard import DashboardReporter
+
+        return DashboardReporter
+    raise AttributeError(name)
+
+
+# -- end-of-run tables -----------------------------------------------------------------------------------
+
+SUMMARY_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies",
+                   "eval_rewards/margins")
+LOWER_IS_BETTER = ("loss", "eval_loss")
+
+
+def final_and_best(records: list[dict], names=SUMMARY_METRICS) -> list[tuple[str, tuple, tuple]]:
+    """Per metric: (name, (final value, its step), (best value, its step)) over a run's metrics records.
+
+    Best is the lowest loss and the highest reward accuracy or margin; non-finite values are ignored.
+    """
+    rows = []
+    for name in names:
+        seen = [(r[name], r.get("step")) for r in records
+                if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
+        if not seen:
+            continue
+        pick = min if name in LOWER_IS_BETTER else max
+        best = pick(seen, key=lambda vs: vs[0])
+        rows.append((name, seen[-1], best))
+    return rows
+
+
+def next_commands(run: str, model: str, data: Optional[str] = None) -> list[str]:
+    """Commands to copy after a run: look at it, chat with it, fuse it, export it, evaluate it."""
+    q = shlex.quote
+    cmds = [f"poet-mlx report {q(run)}",
+            f"poet-mlx chat --model {q(model)} --adapter-path {q(run)}",
+            f"poet-mlx fuse --model {q(model)} --adapter-path {q(run)} --save-path {q(run + '-fused')}",
+            f"poet-mlx export --adapter-path {q(run)} --format peft --out {q(run + '-peft')}"]
+    if data:
+        cmds.append(f"poet-mlx eval --model {q(model)} --adapter-path {q(run)} --data {q(data)}")
+    return cmds
+
+
+def print_summary(summary: dict, console=None, wall_seconds: Optional[float] = None,
+                  commands: bool = True) -> None:
+    """End of run: final and best metrics, time, tokens, POET saving, memory, files, next commands, and the
+    exact resume command when the run was stopped early."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from poet_mlx.checkpoint import latest_checkpoint, read_metrics
+    from poet_mlx.errors import PoetError
 
     console = console or Console()
-    t = Table(title="run summary", title_justify="left")
-    t.add_column("")
-    t.add_column("value", justify="right")
-    t.add_row("steps", f"{summary['steps']}/{summary['total_steps']}")
-    t.add_row("train time", _duration(summary["train_seconds"]))
-    t.add_row("tokens seen", fmt(summary["tokens_seen"]))
-    header = summary.get("header", {})
-    if header.get("poet"):
-        t.add_row("POET token saving", f"{header.get('poet_token_saving', 0):.1%}")
-    t.add_row("peak memory (GB)", fmt(summary["peak_memory_gb"]))
-    for label, ev in (("final", summary.get("last_eval")), ("best", summary.get("best_eval"))):
-        for k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
-            if ev and k in ev:
-                t.add_row(f"{label} {k} (step {ev['step']})", fmt(ev[k]))
-    console.print(t)
     run = summary["adapter_path"]
-    model = header.get("model", "MODEL")
+    header = summary.get("header") or {}
+    try:
+        records = read_metrics(Path(run))
+    except (PoetError, OSError, ValueError):
+        records = []
+    steps = f"{summary['steps']}/{summary['total_steps']} steps"
+    state = f"stopped at step {steps}" if summary.get("interrupted") else f"finished, {steps}"
+    t = Table(title=f"run summary: {state}", title_justify="left", title_style="bold")
+    t.add_column("metric")
+    t.add_column("final", justify="right")
+    t.add_column("best", justify="right")
+    for name, (last, last_step), (best, best_step) in final_and_best(records):
+        t.add_row(name, f"{fmt(last)} [dim](step {last_step})[/]", f"{fmt(best)} [dim](step {best_step})[/]")
+    if not t.row_count:
+        t.add_row("[dim](no metrics recorded)[/]", "", "")
+    console.print(t)
+    console.print(_facts_grid(summary, header, wall_seconds))
+    for w in summary.get("warnings") or []:
+        console.print(Text("warning: ", style="bold yellow") + Text(str(w)))
+    files = [("adapters", f"{run}/adapters.safetensors"), ("config", f"{run}/adapter_config.json"),
+             ("metrics", f"{run}/metrics.jsonl")]
+    ckpt = latest_checkpoint(Path(run))
+    if ckpt is not None:
+        files.append(("checkpoint", str(ckpt)))
+    console.print(Text("files:", style="bold"))
+    for label, path in files:
+        console.print(Text(f"  {label:<11}") + Text(path), soft_wrap=True)
     if summary.get("interrupted"):
-        console.print(f"[yellow]stopped early; checkpoint saved.[/] Resume with:\n  {summary['resume_command']}")
-    console.print(f"adapters: {run}/adapters.safetensors, metrics: {run}/metrics.jsonl")
-    console.print("next:\n"
-                  f"  poet-mlx eval --model {model} --adapter-path {run} --data HELDOUT.jsonl\n"
-                  f"  mlx_lm.generate --model {model} --adapter-path {run} --prompt \"Hello\"\n"
-                  f"  mlx_lm.fuse --model {model} --adapter-path {run} --save-path {run}-fused")
+        console.print(Text("Stopped early; the checkpoint above holds everything. Resume with:",
+                           style="bold yellow"))
+        console.print(Text(f"  {summary['resume_command']}", style="bold"), soft_wrap=True)
+    if commands:
+        console.print(Text("next:", style="bold"))
+        for cmd in next_commands(run, header.get("model", "MODEL")):
+            # soft_wrap: a long command stays one line, so it can be copied whole.
+            console.print(Text(f"  {cmd}"), soft_wrap=True)
+
+
+def _facts_grid(summary: dict, header: dict, wall_seconds: Optional[float]):
+    """time, tokens and pairs seen, POET's cut, memory, adapter change: one labelled row each."""
+    from rich.table import Table
+
+    time_text = f"{duration(summary['train_seconds'])} in training steps (whole run)"
+    if wall_seconds is not None:
+        time_text += f"; this command took {duration(wall_seconds)}"
+    seen = f"{fmt(summary['tokens_seen'])} tokens"
+    if "scored_tokens" in summary:
+        seen += f" ({fmt(summary['scored_tokens'])} scored by the loss)"
+    facts = [("time", time_text), ("seen", f"{seen}, {fmt(summary.get('pairs_seen', 0))} pairs")]
+    if header.get("poet"):
+        facts.append(("POET", f"cut {header.get('pairs_cut_by_poet', '?')} pairs, saved "
+                              f"{header.get('poet_token_saving', 0.0):.1%} of response tokens"))
+    facts.append(("peak memory", f"{summary['peak_memory_gb']:.3g} GB"))
+    if "adapter_change" in summary:
+        facts.append(("adapter change", f"{fmt(summary['adapter_change'])} (distance of the adapters from "
+                                         "their start; 0 means nothing was learned)"))
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    for k, v in facts:
+        grid.add_row(k, v)
+    return grid
+
+
+def metrics_table(means: dict, title: str, names: Optional[list] = None):
+    """A two-column rich table of metric values (eval results, demo before/after rows)."""
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", title_style="bold")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k in names or list(means):
+        if k in means:
+            t.add_row(k, fmt(means[k]))
+    return t

@@ -107,6 +107,8 @@ class TrainConfig:
     lr_schedule: str = _f("cosine", "Decay after warmup.", LR_SCHEDULES)
     warmup_ratio: float = _f(0.1, "Fraction of steps spent warming up linearly from 0.")
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 disables).")
+    skip_nonfinite: bool = _f(False, "Skip (and count) a batch whose loss or gradient is NaN/inf instead of "
+                              "stopping the run.")
     grad_accumulation_steps: int = _f(1, "Micro-batches per optimizer update.")
     grad_checkpoint: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     steps_per_report: int = _f(10, "Optimizer steps between metric lines in metrics.jsonl.")

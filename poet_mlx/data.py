@@ -45,6 +45,9 @@ VALID_SPLIT_NAMES = ("valid", "validation", "test", "test_prefs")
 TEST_SPLIT_NAMES = ("test", "test_prefs")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _NOT_HUB_SUFFIXES = SUFFIXES + (".csv", ".tsv", ".txt", ".gz", ".zip", ".arrow", ".yaml", ".yml")
+MAX_LINE_BYTES = 16 * 2**20
+"""A JSON-lines row longer than this is refused (a row problem) before it is decoded or parsed: preference rows
+are a few KB, and a 50 MB "row" is a wrong file or a missing line break that would only stall tokenization."""
 _ENCODING_FIX = "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)"
 
 
@@ -171,6 +174,11 @@ def _jsonl_items(raw: bytes, name: str) -> list[Item]:
         if not line.strip():
             continue
         rec, problem = None, None
+        if len(line) > MAX_LINE_BYTES:
+            problem = (f"line too long ({len(line) / 2**20:.1f} MB; the limit is {MAX_LINE_BYTES >> 20} MB per row): "
+                       "is this really JSON Lines, one row per line? Split or shorten it")
+            items.append((len(items), f"{name} line {lineno}", rec, problem))
+            continue
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -18,6 +18,7 @@ Problems are collected per row; the caller decides whether to stop or to skip th
 from __future__ import annotations
 
 import difflib
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
@@ -59,6 +60,14 @@ class LoadReport:
     problems: list[str]
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    problem_kinds: dict[str, int] = field(default_factory=dict)
+    """Every problem counted by kind ("missing field 'rejected'": 12), for reports; see `problem_kind`."""
+
+
+def problem_kind(problem: str) -> str:
+    """The gist of a row problem, without its location or details: what `poet-mlx data check` counts."""
+    gist = re.split(r"[;(:]| at column| at character| but | got ", problem, maxsplit=1)[0].strip()
+    return gist[:80]
 
 
 class RowProblem(Exception):
@@ -282,6 +291,7 @@ Item = tuple[int, str, Any, Optional[str]]  # (index, where, record, problem fou
 def collect_rows(items: Iterable[Item], source: str, skip_invalid: bool) -> tuple[list[PreferenceRow], LoadReport]:
     """Normalize every item, check that one format is used throughout, and stop or skip on problems."""
     problems: list[tuple[int, str]] = []
+    kinds: Counter = Counter()
     good: list[tuple[PreferenceRow, str]] = []
     total = 0
     for index, where, rec, problem in items:
@@ -295,15 +305,20 @@ def collect_rows(items: Iterable[Item], source: str, skip_invalid: bool) -> tupl
                 good.append((PreferenceRow(prompt, chosen, rejected, conv, system, where, index), fmt))
                 continue
         problems.append((index, f"{where}: {problem}"))
+        kinds[problem_kind(problem)] += 1
     if total == 0:
         raise PoetError(f"{source} has no rows; preference data needs rows with 'prompt', 'chosen' and 'rejected'")
+    before = len(problems)
     kept = _one_format(good, source, problems)
+    if len(problems) > before:
+        kinds["mixed formats (standard and conversational rows)"] += len(problems) - before
     problems.sort(key=lambda p: p[0])
     texts = [p for _, p in problems]
     if texts and (not skip_invalid or not kept):
         raise PoetError(_problems_message(texts, total, source, all_bad=not kept))
     fmt = Counter(f for _, f in kept).most_common(1)[0][0]
-    return [row for row, _ in kept], LoadReport(fmt, total, len(texts), texts[:KEPT_IN_REPORT], source)
+    return [row for row, _ in kept], LoadReport(fmt, total, len(texts), texts[:KEPT_IN_REPORT], source,
+                                                problem_kinds=dict(kinds))
 
 
 def _one_format(good: list[tuple[PreferenceRow, str]], source: str, problems: list) -> list[tuple[PreferenceRow, str]]:

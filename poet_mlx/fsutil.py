@@ -23,6 +23,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = ""):
     """Yield a temporary path next to `path`; on success it replaces `path` atomically, on error it is removed.
@@ -37,6 +43,7 @@ def atomic_path(path: str | Path, suffix: str = ""):
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:

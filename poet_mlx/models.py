@@ -64,8 +64,14 @@ def load_model(model: str, revision: Optional[str] = None, trust_remote_code: bo
     path = resolve_model_path(model, revision)
     try:
         loaded, tokenizer = load(str(path), tokenizer_config={"trust_remote_code": trust_remote_code})
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        raise PoetError(f"mlx-lm could not load the model in {path}: {exc}") from None
+    except (ValueError, KeyError, OSError, RuntimeError, TypeError) as exc:
+        # RuntimeError: truncated/corrupt safetensors; TypeError: config.json lacks a required setting.
+        reason = str(exc).rstrip(".")
+        raise PoetError(f"mlx-lm could not load the model in {path}: {reason}. Check that the folder holds a "
+                        "complete model (config.json, *.safetensors, tokenizer files); re-download it if not") from None
+    from .fast_quant import accelerate_quantized
+
+    accelerate_quantized(loaded)  # Linux CPU only: 4-bit layers via dequantize + OpenBLAS (fast_quant.py)
     return loaded, tokenizer, path
 
 

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 from . import __version__
 from .batching import layout
-from .checkpoint import prepare_run_folder
+from .checkpoint import check_run_folder, discard_unfinished_start, prepare_run_folder, resume_command
 from .config import RunConfig
 from .errors import PoetError
 from .fsutil import write_json_atomic
@@ -40,14 +40,24 @@ class SplitData:
 
 def load_pairs(cfg: RunConfig, tokenizer, split: str, reporter: Reporter) -> Optional[SplitData]:
     """Load and tokenize one split; None when a valid/test split does not exist."""
+    loaded = read_split(cfg, split, reporter)
+    return None if loaded is None else tokenize_split(cfg, *loaded, tokenizer, split, reporter)
+
+
+def read_split(cfg: RunConfig, split: str, reporter: Reporter) -> Optional[tuple]:
+    """The validated rows of one split and their LoadReport (no tokenizer needed: data mistakes surface
+    before a model loads); None when a valid/test split does not exist."""
     from .data import load_split
 
-    d = cfg.data
     reporter.phase(f"loading {split} data", 0, None)
-    rows, load_report = load_split(d, split)
+    rows, load_report = load_split(cfg.data, split)
     reporter.phase(f"loading {split} data", 1, 1, note=f"{load_report.rows_read} rows ({load_report.format})")
-    if not rows:
-        return None
+    return (rows, load_report) if rows else None
+
+
+def tokenize_split(cfg: RunConfig, rows: list, load_report, tokenizer, split: str, reporter: Reporter) -> SplitData:
+    """Tokenize the rows of `read_split`; PoetError when the length limits drop every pair."""
+    d = cfg.data
     if split == "valid" and d.max_valid_pairs:
         rows = rows[: d.max_valid_pairs]
     name = f"tokenizing {split}"
@@ -130,22 +140,28 @@ def run_training(cfg: RunConfig, reporter: Reporter | None = None,
     """Train adapters as `cfg` says, into cfg.train.adapter_path. Returns the run summary."""
     import mlx.core as mx
 
-    from .trainer import Trainer
-
     from .data import check_source
+    from .models import resolve_model_path
+    from .preflight import memory_warning
+    from .trainer import Trainer
 
     reporter = reporter or Reporter()
     t, run = cfg.train, Path(cfg.train.adapter_path)
+    # Everything the user can get wrong is checked before the model loads and before the run folder is
+    # touched: a failed start writes nothing, and --overwrite deletes the old run only once this one can start.
     check_source(cfg.data)
-    prepare_run_folder(run, t.resume, t.overwrite)
+    if Path(cfg.model.model).expanduser().exists():
+        resolve_model_path(cfg.model.model)  # a local folder that is not a model: say so before reading data
+    check_run_folder(run, t.resume, t.overwrite)
+    rows = {split: read_split(cfg, split, reporter) for split in ("train", "valid")}
+    if rows["train"] is None:
+        raise PoetError(f"no training data found in {cfg.data.data}")
     reporter.phase("loading model", 0, None)
     model, tokenizer, path = load_model(cfg.model.model, cfg.model.revision, cfg.model.trust_remote_code)
     reporter.phase("loading model", 1, 1)
     objective = Objective.from_config(cfg.loss)
-    train = load_pairs(cfg, tokenizer, "train", reporter)
-    if train is None:
-        raise PoetError(f"no training data found in {cfg.data.data}")
-    valid = load_pairs(cfg, tokenizer, "valid", reporter)
+    train = tokenize_split(cfg, *rows["train"], tokenizer, "train", reporter)
+    valid = tokenize_split(cfg, *rows["valid"], tokenizer, "valid", reporter) if rows["valid"] else None
     mx.random.seed(t.seed)
     lora = cfg.lora
     params = lora_parameters(lora.rank, lora.scale, lora.dropout, lora.keys)
@@ -155,22 +171,31 @@ def run_training(cfg: RunConfig, reporter: Reporter | None = None,
         sets["valid"] = pair_set(valid.pairs, cfg, objective)
     adapter_cfg = adapter_config(lora.fine_tune_type, n_layers, params, cfg.model.model,
                                  {"version": __version__, "config": cfg.to_flat()})
-    write_json_atomic(run / ADAPTER_CONFIG, adapter_cfg)
+    early_warnings = [w for w in [memory_warning(model, path, cfg, sets["train"])] if w]
+    for warning in early_warnings:
+        reporter.warning(warning)
     if objective.needs_reference:
         fill_reference(sets, cfg, model, path, tokenizer, reporter)
     facts = model_facts(model, path)
     header = _header(cfg, facts, objective, train, valid, poet_stats(sets.values()))
-    reporter.header(header)
-    trainer = Trainer(model, objective, t, sets["train"], sets.get("valid"), run, adapter_cfg, reporter,
-                      pad_id(tokenizer), should_stop)
-    summary = trainer.fit(resume=t.resume)
-    summary.update({"header": header, "resume_command": resume_command(run)})
+    created = not run.exists()
+    for note in prepare_run_folder(run, t.resume, t.overwrite):
+        early_warnings.append(note)
+        reporter.warning(note)
+    try:
+        write_json_atomic(run / ADAPTER_CONFIG, adapter_cfg)
+        reporter.header(header)
+        trainer = Trainer(model, objective, t, sets["train"], sets.get("valid"), run, adapter_cfg, reporter,
+                          pad_id(tokenizer), should_stop)
+        summary = trainer.fit(resume=t.resume)
+    except BaseException:
+        if not t.resume:  # a start that never reached a checkpoint leaves nothing behind
+            discard_unfinished_start(run, created)
+        raise
+    summary.update({"header": header, "resume_command": resume_command(run),
+                    "warnings": early_warnings + summary["warnings"]})
     reporter.done(summary)
     return summary
-
-
-def resume_command(run: Path) -> str:
-    return f"poet-mlx train --adapter-path {run} --resume"
 
 
 def _header(cfg: RunConfig, facts, objective: Objective, train: SplitData, valid: Optional[SplitData],
@@ -212,37 +237,160 @@ def eval_splits(data: str) -> tuple[str, ...]:
     return ("valid",)
 
 
-def run_evaluation(cfg: RunConfig, adapter_path: Optional[str], reporter: Reporter | None = None) -> tuple[dict, list]:
-    """Held-out metrics of the base model, or of the base plus adapters.
+@dataclass
+class EvalResult:
+    """What `run_evaluation` measured. It unpacks as `(means, rows)` of the first model evaluated.
+
+    runs: label -> means of every model evaluated, in order (the base, or each run). curves: a
+    `prefix.PrefixCurve` per model (prefix_curve). entropy: `entropy.entropy_profile`s, the base's first
+    ("before"), then each run's. win_rates: run label -> `generation.WinRate` over the base. samples:
+    `generation.Sample`s, the base's first, then each run's. judge: the judge's name (generation).
+    """
+
+    means: dict
+    rows: list
+    runs: dict
+    curves: list
+    entropy: list
+    win_rates: dict
+    samples: list
+    judge: Optional[str] = None
+
+    def __iter__(self):  # `means, rows = run_evaluation(...)` keeps working
+        return iter((self.means, self.rows))
+
+
+def run_evaluation(cfg: RunConfig, adapter_path: Optional[str], reporter: Reporter | None = None, *,
+                   compare=(), prefix_curve: bool = False, entropy: bool = False, generation=None) -> EvalResult:
+    """Held-out metrics of the base model, or of the base plus adapters, or of several runs on the same pairs.
 
     The reference (DPO family) is the base model with no adapters (or --ref-model); with --poet the pairs
-    are cut exactly as in training. Returns (means, rows) where rows holds one dict per kept pair, in input
-    order, with the TRL metric names and the row's `index` in its source.
+    are cut exactly as in training. `means` averages the TRL metrics; `rows` holds one dict per kept pair, in
+    input order, with the row's `index` in its source. Each run of [adapter_path, *compare] gets its adapters
+    on a fresh copy of the base model; `cfg`'s loss settings apply to all.
+
+    Args:
+        prefix_curve: add each model's implicit-reward accuracy and margin by prefix length (`prefix`).
+        entropy: add next-token entropy by response position, of the base (adapters off) and of each run.
+        generation: a `generation.GenerationOptions`: sample replies for the first N prompts from the base
+            (adapters off) and from each run, judge them, and give each run's win rate over the base.
     """
     from .evaluation import evaluate
+    from .models import ADAPTER_FILE
 
     reporter = reporter or Reporter()
+    runs = [str(r) for r in (adapter_path, *compare) if r]
+    if generation is not None and not runs:
+        raise PoetError("--generate compares a trained run's replies with its base model's: pass --adapter-path "
+                        "RUN (and --compare RUN2 ... for more runs)")
+    for run in runs:  # before the model loads
+        if not (Path(run) / ADAPTER_CONFIG).is_file() or not (Path(run) / ADAPTER_FILE).is_file():
+            raise PoetError(f"no adapters in {run}: expected {ADAPTER_CONFIG} and {ADAPTER_FILE} (the "
+                            "--adapter-path of a finished or checkpointed run)")
     reporter.phase("loading model", 0, None)
     model, tokenizer, path = load_model(cfg.model.model, cfg.model.revision, cfg.model.trust_remote_code)
     reporter.phase("loading model", 1, 1)
+    judge = None
+    if generation is not None:
+        from .generation import load_judge
+
+        judge = load_judge(generation.judge, tokenizer)
     objective = Objective.from_config(cfg.loss)
-    data = None
+    data = loaded = None
     for split in eval_splits(cfg.data.data):
-        data = load_pairs(cfg, tokenizer, split, reporter)
-        if data is not None:
+        loaded = read_split(cfg, split, reporter)
+        if loaded is not None:
+            data = tokenize_split(cfg, *loaded, tokenizer, split, reporter)
             break
     if data is None:
         raise PoetError(f"no evaluation data in {cfg.data.data}")
-    sets = {"eval": pair_set(data.pairs, cfg, objective)}
+    s = pair_set(data.pairs, cfg, objective)
     if objective.needs_reference:
-        fill_reference(sets, cfg, model, path, tokenizer, reporter)
-    if adapter_path:
-        load_adapters(model, adapter_path)
-    s = sets["eval"]
-    means, per_pair = evaluate(model, s, objective, cfg.train.batch_size, pad_id(tokenizer),
-                               progress=lambda d, tot: reporter.phase("evaluating", d, tot))
-    rows = []
-    for i, p in enumerate(s.pairs):
-        rows.append({"index": p.index, **{k: float(v[i]) for k, v in per_pair.items()}})
-    means.update({"pairs": len(s), **poet_stats([s])})
-    return means, rows
+        fill_reference({"eval": s}, cfg, model, path, tokenizer, reporter)
+    labels = _run_labels(runs) if runs else ["base"]
+    result = EvalResult({}, [], {}, [], [], {}, [], judge.name if judge else None)
+    for i, (label, run) in enumerate(zip(labels, runs or [None])):
+        if i:
+            del model
+            gc.collect()
+            model, _, _ = load_model(cfg.model.model, cfg.model.revision, cfg.model.trust_remote_code)
+        if run:
+            load_adapters(model, run)
+        name = "evaluating" + (f" {label}" if run else "")
+        means, per_pair = evaluate(model, s, objective, cfg.train.batch_size, pad_id(tokenizer),
+                                   progress=lambda d, tot: reporter.phase(name, d, tot))
+        means.update({"pairs": len(s), **poet_stats([s])})
+        if i == 0:
+            result.means = means
+            result.rows = [{"index": p.index, **{k: float(v[j]) for k, v in per_pair.items()}}
+                           for j, p in enumerate(s.pairs)]
+        result.runs[label] = means
+        if prefix_curve or entropy:
+            _token_analyses(model, run, label, s, objective, cfg, tokenizer, reporter, result, prefix_curve,
+                            entropy, first=i == 0)
+        if generation is not None:
+            _generation_check(model, label, s, loaded[0], tokenizer, generation, judge, reporter, result)
+    return result
+
+
+def _run_labels(runs: list) -> list[str]:
+    """Short names for run folders: the folder name, or the path where two names clash."""
+    names = [Path(r).name or str(r) for r in runs]
+    return [n if names.count(n) == 1 else str(r) for n, r in zip(names, runs)]
+
+
+def _token_analyses(model, run, label, s, objective, cfg, tokenizer, reporter, result, curve: bool,
+                    entropy: bool, first: bool) -> None:
+    """Prefix curve and entropy profile of one model from one forward over the full responses (and, for the
+    first run, the base's entropy with the adapters off)."""
+    from .entropy import entropy_profile, response_token_stats
+    from .models import adapters_disabled
+    from .prefix import prefix_curve
+
+    pad, bs = pad_id(tokenizer), cfg.train.batch_size
+    if entropy and first and run:
+        name = "entropy (base)"
+        with adapters_disabled(model):
+            _, ent = response_token_stats(model, s.pairs, bs, pad, progress=lambda d, t: reporter.phase(name, d, t))
+        result.entropy.append(entropy_profile(ent, "base"))
+    name = f"token log-probs ({label})"
+    logps, ent = response_token_stats(model, s.pairs, bs, pad, entropy=entropy,
+                                      progress=lambda d, t: reporter.phase(name, d, t))
+    if ent is not None:
+        result.entropy.append(entropy_profile(ent, label))
+    if not curve:
+        return
+    if objective.needs_reference and not run:
+        reporter.warning("the base model is its own DPO reference, so its implicit rewards are all 0 (accuracy "
+                         "0 by TRL's strict rule); --loss simpo shows the base model's own preference")
+        logps = s.ref  # exactly the reference: margins exactly 0, not rounding noise
+    pc = prefix_curve(logps, s.ref, objective.loss, objective.beta, label=label)
+    pc.meta = {"data": cfg.data.data, "model": cfg.model.model, "run": run}
+    result.curves.append(pc)
+
+
+def _generation_check(model, label, s, rows, tokenizer, opts, judge, reporter, result) -> None:
+    """Sample the base's replies once (adapters off), this run's replies, judge both, and count wins."""
+    from .generation import generation_prompts, generate_samples, win_rate
+    from .models import adapters_disabled
+
+    prompts = generation_prompts(rows, s.pairs, opts.prompts)
+    if not result.samples:
+        with adapters_disabled(model):
+            base = generate_samples(model, tokenizer, prompts, "base", opts,
+                                    progress=lambda d, t: reporter.phase("sampling (base)", d, t))
+        _judge(judge, base, reporter)
+        result.samples.extend(base)
+    aligned = generate_samples(model, tokenizer, prompts, label, opts,
+                               progress=lambda d, t: reporter.phase(f"sampling ({label})", d, t))
+    _judge(judge, aligned, reporter)
+    result.samples.extend(aligned)
+    base_scores = [x.score for x in result.samples if x.model == "base"]
+    result.win_rates[label] = win_rate([x.score for x in aligned], base_scores)
+
+
+def _judge(judge, samples, reporter) -> None:
+    reporter.phase(f"judging ({judge.name})", 0, len(samples))
+    for x, score in zip(samples, judge.score(samples)):
+        x.score = score
+    reporter.phase(f"judging ({judge.name})", len(samples), len(samples))

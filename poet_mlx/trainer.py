@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections import deque
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -21,7 +22,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from .batching import Layout, PairBatch, epoch_batches, make_batch
-from .checkpoint import MetricsLog, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import MetricsLog, latest_checkpoint, load_checkpoint, resume_command, save_checkpoint, write_error
 from .config import TrainConfig
 from .errors import PoetError
 from .evaluation import evaluate
@@ -31,8 +32,16 @@ from .reference import TokenLogps
 from .reporting import Reporter
 from .tokenization import TokenizedPair
 
-ZERO_GRAD_PATIENCE = 10
-"""Consecutive steps with a zero gradient norm before the run warns that nothing is learning."""
+LEARNING_PATIENCE = 10
+"""Steps of evidence before the run warns that nothing is learning (zero gradients, still adapters, flat loss),
+and consecutive non-finite batches before --skip-nonfinite gives up."""
+LOSS_FLAT_TOL = 1e-5
+"""Per-step losses that stay within this band for LEARNING_PATIENCE steps count as flat. Float32 rounding
+between the reference pass and the policy moves DPO's initial loss by ~3e-6 (measured on the tiny model),
+so the band sits above that and far below any change that training makes."""
+ADAPTER_STILL_REL = 1e-7
+"""Adapter change below this fraction of the initial trainable norm is no change (float32 resolution)."""
+MAX_WARNINGS_KEPT = 20
 
 
 @dataclass
@@ -63,6 +72,50 @@ class TrainState:
     best: dict = field(default_factory=dict)
     last_eval: dict = field(default_factory=dict)
     zero_grad_steps: int = 0
+    nonfinite_skipped: int = 0
+    warnings: list = field(default_factory=list)
+    """{"step", "kind", "message"} of every warning so far (the first MAX_WARNINGS_KEPT)."""
+
+
+class LearningWatch:
+    """Decides, step by step, whether a run visibly learns nothing. Pure bookkeeping: no MLX, no I/O.
+
+    Each kind of warning fires once per run: `zero_grad` (gradient norm exactly 0 for `patience` steps),
+    `flat_loss` (per-step loss within LOSS_FLAT_TOL for `patience` steps), `adapters_still` (adapter change
+    below ADAPTER_STILL_REL of the initial norm after `patience` steps).
+    """
+
+    def __init__(self, patience: Optional[int] = None, warned=()):
+        self.patience = patience or LEARNING_PATIENCE
+        self.warned = set(warned)
+        self.zero_grad_steps = 0
+        self.losses: deque = deque(maxlen=self.patience)
+
+    def observe(self, loss: float, grad_norm: float) -> list[tuple[str, str]]:
+        """Feed one applied step; returns new (kind, message) warnings."""
+        self.zero_grad_steps = self.zero_grad_steps + 1 if grad_norm == 0 else 0
+        self.losses.append(loss)
+        found = []
+        if self.zero_grad_steps >= self.patience:
+            found.append(("zero_grad", f"gradient norm has been zero for {self.patience} steps: nothing is "
+                                       "learning (are the adapters attached? is the learning rate 0?)"))
+        if len(self.losses) == self.patience and max(self.losses) - min(self.losses) <= LOSS_FLAT_TOL:
+            found.append(("flat_loss", f"the loss has not moved for {self.patience} steps (stays at "
+                                       f"{loss:.6g} within {LOSS_FLAT_TOL:g}): nothing is learning; raise "
+                                       "--learning-rate or check that chosen and rejected differ"))
+        return self._new(found)
+
+    def adapters(self, steps: int, change: float, initial_norm: float) -> list[tuple[str, str]]:
+        """Check the adapter change after `steps` applied steps (call once steps >= patience)."""
+        if change > ADAPTER_STILL_REL * max(initial_norm, 1e-30):
+            return []
+        return self._new([("adapters_still", f"the adapters have not changed after {steps} steps (change "
+                                             f"{change:.3g}): nothing is learning; raise --learning-rate")])
+
+    def _new(self, found):
+        new = [(k, m) for k, m in found if k not in self.warned]
+        self.warned.update(k for k, _ in new)
+        return new
 
 
 def total_steps(cfg: TrainConfig, num_pairs: int) -> int:
@@ -132,7 +185,11 @@ class Trainer:
         self.steps = total_steps(cfg, len(train))
         self.optimizer = build_optimizer(cfg, self.steps)
         self.state = TrainState()
+        self.watch = LearningWatch()
+        self._nonfinite_streak = 0
+        self._step_pairs: list[int] = []
         self.initial = {k: mx.array(v) for k, v in trainable_weights(model).items()}
+        self._initial_norm = float(_tree_norm(self.initial).item())
         self._lengths = [lay.tokens for lay in train.layouts]
         self._epoch_cache: dict[int, list] = {}
 
@@ -181,10 +238,14 @@ class Trainer:
 
     # -- one optimizer step -----------------------------------------------------------------------------
     def _step(self, grad_step, apply_update, names):
+        """One optimizer step. Returns (values, tokens, scored, pairs, applied); applied is False when the
+        batch was non-finite and --skip-nonfinite skipped it (else that raises before any update)."""
         accum = self.cfg.grad_accumulation_steps
         grads, sums, tokens, scored, pairs = None, None, 0, 0, 0
+        self._step_pairs = []
         for _ in range(accum):
             idx = self._micro_batch(self.state.micro)
+            self._step_pairs += idx
             # Dropout draws from a key fixed by (seed, micro-batch), so a resumed run replays them exactly.
             mx.random.seed(self.cfg.seed * 1_000_003 + self.state.micro)
             b = self.train_set.batch(idx, self.pad_id)
@@ -201,19 +262,28 @@ class Trainer:
         mx.eval(sums, norm, grads)
         values = dict(zip(names, (sums / accum).tolist()))
         values["grad_norm"] = norm.item()
-        if not all(math.isfinite(v) for v in values.values()):
+        if all(math.isfinite(v) for v in values.values()):
+            apply_update(grads, norm)
+            mx.eval(self.model.state, self.optimizer.state)
+            return values, tokens, scored, pairs, True
+        if not self.cfg.skip_nonfinite:
             self._non_finite(values)
-        apply_update(grads, norm)
-        mx.eval(self.model.state, self.optimizer.state)
-        return values, tokens, scored, pairs
+        return values, tokens, scored, pairs, False
+
+    def _bad_values(self, values: dict) -> str:
+        bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
+        where = [self.train_set.pairs[i].where for i in self._step_pairs[:3]]
+        more = " ..." if len(self._step_pairs) > 3 else ""
+        return f"{bad}; batch rows: {', '.join(w for w in where if w) or '?'}{more}"
 
     def _non_finite(self, values: dict) -> None:
-        bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
         last = latest_checkpoint(self.run)
         raise PoetError(
-            f"non-finite values at step {self.state.step + 1} ({bad}); the update was not applied and no "
-            f"adapter with NaN/inf was saved. Lower --learning-rate or --beta, check the data"
-            + (f"; the last good checkpoint is {last}" if last else "")
+            f"non-finite values at step {self.state.step + 1} ({self._bad_values(values)}); the update was not "
+            "applied and no adapter with NaN/inf was saved. Lower --learning-rate or --beta, check those rows, "
+            "or pass --skip-nonfinite to skip such batches"
+            + (f"; the last good checkpoint is {last} (resume with: {resume_command(self.run)} --skip-nonfinite)"
+               if last else "")
         )
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -232,13 +302,17 @@ class Trainer:
                 interrupted = True
                 break
             tic = time.perf_counter()
-            values, tokens, scored, pairs = self._step(grad_step, apply_update, names)
+            values, tokens, scored, pairs, applied = self._step(grad_step, apply_update, names)
             elapsed = time.perf_counter() - tic
             self._account(values, tokens, scored, pairs, elapsed)
-            window.append(values)
             step = self.state.step
             self.reporter.step(step, self.steps, values)
-            if step % self.cfg.steps_per_report == 0 or step == self.steps:
+            if applied:
+                window.append(values)
+                self._watch(values, log)
+            else:
+                self._skipped(values, log)
+            if window and (step % self.cfg.steps_per_report == 0 or step == self.steps):
                 self._write_report(log, window)
                 window = []
             if self.valid_set is not None and self.cfg.steps_per_eval and (
@@ -264,10 +338,35 @@ class Trainer:
             "pairs_per_second": pairs / elapsed,
             "step_seconds": elapsed,
         })
-        s.zero_grad_steps = s.zero_grad_steps + 1 if values["grad_norm"] == 0 else 0
-        if s.zero_grad_steps == ZERO_GRAD_PATIENCE:
-            self.reporter.warning(f"gradient norm has been zero for {ZERO_GRAD_PATIENCE} steps: nothing is "
-                                  "learning (are the adapters attached? is the learning rate 0?)")
+
+    # -- is it learning? --------------------------------------------------------------------------------
+    def _warn(self, kind: str, message: str, log: MetricsLog) -> None:
+        """A warning goes to the dashboard, the metrics log (a record with a "warning" key) and the summary."""
+        s = self.state
+        if len(s.warnings) < MAX_WARNINGS_KEPT:
+            s.warnings.append({"step": s.step, "kind": kind, "message": message})
+        log.write({"step": s.step, "warning": message, "kind": kind})
+        self.reporter.warning(message)
+
+    def _watch(self, values: dict, log: MetricsLog) -> None:
+        self._nonfinite_streak = 0
+        for kind, message in self.watch.observe(values["loss"], values["grad_norm"]):
+            self._warn(kind, message, log)
+        self.state.zero_grad_steps = self.watch.zero_grad_steps
+
+    def _skipped(self, values: dict, log: MetricsLog) -> None:
+        """--skip-nonfinite: count the skipped batch; give up when every batch for a while is non-finite."""
+        s = self.state
+        s.nonfinite_skipped += 1
+        self._nonfinite_streak += 1
+        self._warn("nonfinite", f"step {s.step}: non-finite values ({self._bad_values(values)}); batch skipped "
+                                f"(--skip-nonfinite), {s.nonfinite_skipped} so far", log)
+        if self._nonfinite_streak >= self.watch.patience:
+            last = latest_checkpoint(self.run)
+            raise PoetError(
+                f"{self._nonfinite_streak} batches in a row were non-finite (up to step {s.step}): the adapters "
+                "are probably damaged; start again with a lower --learning-rate"
+                + (f" (the last good checkpoint is {last})" if last else ""))
 
     def _write_report(self, log: MetricsLog, window: list[dict]) -> None:
         keys = window[-1].keys()
@@ -279,8 +378,14 @@ class Trainer:
         record["tokens_seen"] = self.state.tokens
         record["peak_memory_gb"] = mx.get_peak_memory() / 1e9
         record["elapsed_seconds"] = self.state.train_seconds
+        if self.state.nonfinite_skipped:
+            record["nonfinite_skipped"] = self.state.nonfinite_skipped
         log.write(record)
         self.reporter.log(record)
+        applied = self.state.step - self.state.nonfinite_skipped
+        if applied >= self.watch.patience:
+            for kind, message in self.watch.adapters(applied, record["adapter_change"], self._initial_norm):
+                self._warn(kind, message, log)
 
     def _epoch(self) -> float:
         return round(self.state.micro / max(1, len(self._batches(0))), 4)
@@ -305,13 +410,18 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def _checkpoint(self) -> Path:
+        """Save a checkpoint, then the run folder's adapters. NaN/inf weights, a full disk or a read-only
+        folder raise PoetError and keep the previous checkpoint and adapters as they were."""
         weights = trainable_weights(self.model)
         self.reporter.phase("saving", 0, 1)
         state = asdict(self.state)
         state["total_steps"] = self.steps
         folder = save_checkpoint(self.run, self.state.step, weights, dict(tree_flatten(self.optimizer.state)),
                                  state)
-        save_adapters(self.run, self.model, self.adapter_cfg)
+        try:
+            save_adapters(self.run, self.model, self.adapter_cfg)
+        except OSError as exc:
+            raise write_error(exc, f"the adapters of step {self.state.step} to {self.run}", self.run) from exc
         self.reporter.phase("saving", 1, 1)
         self.reporter.checkpoint(self.state.step, str(folder))
         return folder
@@ -323,13 +433,19 @@ class Trainer:
         adapters, opt_state, state = load_checkpoint(folder)
         self.model.load_weights(list(adapters.items()), strict=False)
         self.optimizer.init(self.model.trainable_parameters())
+        # A checkpoint saved before any update (a stop at step 0, or only skipped batches) has no per-parameter
+        # slots yet: the fresh ones are exactly what it would hold.
+        never_updated = not any(k in opt_state for k, _ in tree_flatten(self.optimizer.state) if "." in k)
         try:
-            self.optimizer.state = tree_map_with_path(lambda path, _: opt_state[path], self.optimizer.state)
+            self.optimizer.state = tree_map_with_path(
+                lambda path, v: opt_state.get(path, v) if never_updated else opt_state[path], self.optimizer.state)
         except KeyError as exc:
             raise PoetError(f"checkpoint {folder} does not match this optimizer/adapter setup (missing {exc}); "
                             "resume with the settings the run started with") from None
-        state.pop("total_steps", None)
-        self.state = TrainState(**state)
+        known = {f.name for f in fields(TrainState)}  # a newer or older checkpoint may carry other counters
+        self.state = TrainState(**{k: v for k, v in state.items() if k in known})
+        self.watch = LearningWatch(warned=[w.get("kind") for w in self.state.warnings])
+        self.watch.zero_grad_steps = self.state.zero_grad_steps
 
     def _summary(self, interrupted: bool) -> dict:
         s = self.state
@@ -347,4 +463,6 @@ class Trainer:
             "adapter_path": str(self.run),
             "adapter_files": [str(self.run / ADAPTER_FILE), str(self.run / ADAPTER_CONFIG)],
             "adapter_change": self._adapter_change(),
+            "nonfinite_skipped": s.nonfinite_skipped,
+            "warnings": [w["message"] for w in s.warnings],
         }

@@ -18,7 +18,9 @@ from poet_mlx.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-PLAIN_LINE = re.compile(r"^(?P<kind>[a-z]+)(?P<pairs>(?: [^\s=]+=\S*)*)$")
+# A value is bare, or a JSON string in double quotes when it holds a space, a quote or '=' (logfmt).
+PLAIN_PAIR = r'[^\s="]+=(?:"(?:[^"\\]|\\.)*"|[^\s"]*)'
+PLAIN_LINE = re.compile(rf"^(?P<kind>[a-z]+)(?P<pairs>(?: {PLAIN_PAIR})*)$")
 PLAIN_KINDS = {"phase", "run", "train", "eval", "checkpoint", "done"}
 
 
@@ -124,7 +126,8 @@ def test_train_plain_from_example_yaml_with_flag_overrides(tiny_model_dir, tiny_
         m = PLAIN_LINE.match(line)
         assert m, f"not a 'KIND key=value ...' line: {line!r}"
         assert m["kind"] in PLAIN_KINDS, line
-        records.append((m["kind"], dict(p.split("=", 1) for p in m["pairs"].split())))
+        pairs = (p.split("=", 1) for p in re.findall(PLAIN_PAIR, m["pairs"]))
+        records.append((m["kind"], {k: json.loads(v) if v.startswith('"') else v for k, v in pairs}))
     kinds = [k for k, _ in records]
     assert kinds.index("run") < kinds.index("train") < kinds.index("done")
     header = next(r for k, r in records if k == "run")
