@@ -11,7 +11,13 @@ prefix, so a three-function C shim forwards `cblas_?gemm` to `scipy_cblas_?gemm`
 once per machine with the C compiler that MLX's CPU backend already needs (its kernels are JIT-compiled),
 and cached. Nothing here runs on macOS, where MLX uses Metal and Accelerate.
 
-Off switch: `POET_MLX_BLAS=reference` in the environment (the CLI's `--reference-blas` sets it).
+Threads: OpenBLAS's worker threads spin between calls, stealing the cores that MLX's own (single-threaded)
+CPU kernels run on between two GEMMs, and they collapse when other processes share the cores (measured on 2
+cores under load: a forward pass took 1.4-8 s with 2 OpenBLAS threads, 0.75 s with 1). So unless the user
+sets `POET_MLX_BLAS_THREADS`, `OPENBLAS_NUM_THREADS` or `OMP_NUM_THREADS`, OpenBLAS gets half the cores this
+process may use (at least 1).
+
+Off switch: `POET_MLX_BLAS=reference` in the environment.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 ENV_SWITCH = "POET_MLX_BLAS"
+ENV_THREADS = "POET_MLX_BLAS_THREADS"
 
 SHIM_SOURCE = r"""
 /* poet-mlx: forward MLX's CBLAS GEMM calls to scipy-openblas32 (symbols prefixed scipy_). */
@@ -58,6 +65,7 @@ class BlasStatus:
     active: bool = False
     reason: str = "not attempted"
     library: Optional[str] = None
+    threads: Optional[int] = None
 
 
 STATUS = BlasStatus()
@@ -116,9 +124,28 @@ def _load() -> BlasStatus:
         return BlasStatus(False, "scipy-openblas32 is not installed (pip install scipy-openblas32)")
     try:
         lib_dir = Path(scipy_openblas32.get_lib_dir())
-        ctypes.CDLL(str(lib_dir / "libscipy_openblas.so"), mode=ctypes.RTLD_GLOBAL)
+        openblas = ctypes.CDLL(str(lib_dir / "libscipy_openblas.so"), mode=ctypes.RTLD_GLOBAL)
         shim = _build_shim(lib_dir)
         ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         return BlasStatus(False, f"OpenBLAS not loaded ({exc}); MLX keeps its reference BLAS")
-    return BlasStatus(True, "OpenBLAS (scipy-openblas32) for MLX's CPU matmuls", str(shim))
+    threads = blas_threads()
+    if threads is not None:
+        openblas.scipy_openblas_set_num_threads(threads)
+    threads = int(openblas.scipy_openblas_get_num_threads())
+    return BlasStatus(True, "OpenBLAS (scipy-openblas32) for MLX's CPU matmuls", str(shim), threads)
+
+
+def blas_threads() -> Optional[int]:
+    """OpenBLAS threads to set: POET_MLX_BLAS_THREADS if given; None (OpenBLAS decides) when the user set
+    OPENBLAS_NUM_THREADS or OMP_NUM_THREADS; else half the cores this process may run on, at least 1."""
+    value = os.environ.get(ENV_THREADS, "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    if os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
