@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import signal
 import sys
 import traceback
@@ -53,7 +54,14 @@ def run_guarded(body: Callable[[], int], debug: bool = False) -> int:
         return 130
 
 
+def _rank_prefix() -> str:
+    """"rank N: " inside a job started by mlx.launch (which sets MLX_RANK), so a failure names its rank."""
+    rank = os.environ.get("MLX_RANK")
+    return f"rank {rank}: " if rank is not None else ""
+
+
 def _user_error(message: str, debug: bool) -> int:
+    message = _rank_prefix() + message
     if debug:
         traceback.print_exc()
         print(f"error: {message}", file=sys.stderr)

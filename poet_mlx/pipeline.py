@@ -91,7 +91,7 @@ def poet_stats(pair_sets) -> dict:
             "scored_tokens_per_pair": kept / n, "poet_token_saving": 1.0 - kept / max(1, full)}
 
 
-def fill_reference(sets, cfg: RunConfig, policy, policy_path, tokenizer, reporter: Reporter) -> None:
+def fill_reference(sets, cfg: RunConfig, policy, policy_path, tokenizer, reporter: Reporter, world=None) -> None:
     """Reference per-token log-probs for every PairSet in `sets` (DPO family only).
 
     With no --ref-model the policy scores them now, before any update, when it still equals the base.
@@ -112,7 +112,8 @@ def fill_reference(sets, cfg: RunConfig, policy, policy_path, tokenizer, reporte
         label = f"reference log-probs ({name})"
         reporter.phase(label, 0, len(s))
         s.ref, reused = reference_token_logps(model, path, s.pairs, REFERENCE_BATCH, pad_id(tokenizer),
-                                              progress=lambda d, t: d < t and reporter.phase(label, d, t))
+                                              progress=lambda d, t: d < t and reporter.phase(label, d, t),
+                                              world=world)
         reporter.phase(label, len(s), len(s), note="reused from cache" if reused else "computed")
     if model is not policy:
         del model
@@ -141,18 +142,24 @@ def run_training(cfg: RunConfig, reporter: Reporter | None = None,
     import mlx.core as mx
 
     from .data import check_source
+    from .distributed import check_batch_divides, check_same_everywhere, init_world
     from .models import resolve_model_path
     from .preflight import memory_warning
+    from .reference import pairs_digest
     from .trainer import Trainer
 
-    reporter = reporter or Reporter()
     t, run = cfg.train, Path(cfg.train.adapter_path)
+    world = init_world()
+    # Data parallel (mlx.launch): rank 0 alone draws, logs and writes the run folder.
+    reporter = (reporter or Reporter()) if world.is_main else Reporter()
+    check_batch_divides(t.batch_size, world)
     # Everything the user can get wrong is checked before the model loads and before the run folder is
     # touched: a failed start writes nothing, and --overwrite deletes the old run only once this one can start.
     check_source(cfg.data)
     if Path(cfg.model.model).expanduser().exists():
         resolve_model_path(cfg.model.model)  # a local folder that is not a model: say so before reading data
-    check_run_folder(run, t.resume, t.overwrite)
+    if world.is_main:
+        check_run_folder(run, t.resume, t.overwrite)
     rows = {split: read_split(cfg, split, reporter) for split in ("train", "valid")}
     if rows["train"] is None:
         raise PoetError(f"no training data found in {cfg.data.data}")
@@ -162,6 +169,8 @@ def run_training(cfg: RunConfig, reporter: Reporter | None = None,
     objective = Objective.from_config(cfg.loss)
     train = tokenize_split(cfg, *rows["train"], tokenizer, "train", reporter)
     valid = tokenize_split(cfg, *rows["valid"], tokenizer, "valid", reporter) if rows["valid"] else None
+    check_same_everywhere("settings and data", json.dumps(cfg.to_flat(), sort_keys=True)
+                          + pairs_digest(train.pairs) + (pairs_digest(valid.pairs) if valid else ""), world)
     mx.random.seed(t.seed)
     lora = cfg.lora
     params = lora_parameters(lora.rank, lora.scale, lora.dropout, lora.keys)
@@ -175,21 +184,24 @@ def run_training(cfg: RunConfig, reporter: Reporter | None = None,
     for warning in early_warnings:
         reporter.warning(warning)
     if objective.needs_reference:
-        fill_reference(sets, cfg, model, path, tokenizer, reporter)
+        fill_reference(sets, cfg, model, path, tokenizer, reporter, world)
     facts = model_facts(model, path)
     header = _header(cfg, facts, objective, train, valid, poet_stats(sets.values()))
+    header["ranks"] = world.size
     created = not run.exists()
-    for note in prepare_run_folder(run, t.resume, t.overwrite):
-        early_warnings.append(note)
-        reporter.warning(note)
+    if world.is_main:
+        for note in prepare_run_folder(run, t.resume, t.overwrite):
+            early_warnings.append(note)
+            reporter.warning(note)
     try:
-        write_json_atomic(run / ADAPTER_CONFIG, adapter_cfg)
+        if world.is_main:
+            write_json_atomic(run / ADAPTER_CONFIG, adapter_cfg)
         reporter.header(header)
         trainer = Trainer(model, objective, t, sets["train"], sets.get("valid"), run, adapter_cfg, reporter,
-                          pad_id(tokenizer), should_stop)
+                          pad_id(tokenizer), should_stop, world)
         summary = trainer.fit(resume=t.resume)
     except BaseException:
-        if not t.resume:  # a start that never reached a checkpoint leaves nothing behind
+        if not t.resume and world.is_main:  # a start that never reached a checkpoint leaves nothing behind
             discard_unfinished_start(run, created)
         raise
     summary.update({"header": header, "resume_command": resume_command(run),

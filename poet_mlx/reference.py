@@ -9,7 +9,6 @@ on disk, keyed by the model's files and the exact token ids, so a second run on 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -38,13 +37,18 @@ def model_fingerprint(model_path: str | Path) -> str:
     return h.hexdigest()
 
 
-def cache_key(model_path: str | Path, pairs: Sequence[TokenizedPair]) -> str:
-    h = hashlib.sha256(model_fingerprint(model_path).encode())
+def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
+    """Identity of tokenized pairs: every token id, in order."""
+    h = hashlib.sha256()
     for p in pairs:
         for ids in (p.prompt, p.chosen, p.rejected):
             h.update(np.int64(len(ids)).tobytes())
             h.update(ids.tobytes())
-    return h.hexdigest()[:32]
+    return h.hexdigest()
+
+
+def cache_key(model_path: str | Path, pairs: Sequence[TokenizedPair]) -> str:
+    return hashlib.sha256((model_fingerprint(model_path) + pairs_digest(pairs)).encode()).hexdigest()[:32]
 
 
 def load_cached(key: str) -> Optional[TokenLogps]:
@@ -98,19 +102,35 @@ def compute_token_logps(model, pairs: Sequence[TokenizedPair], batch_size: int, 
 
 
 def reference_token_logps(model, model_path, pairs, batch_size, pad_id=0, progress=None,
-                          use_cache: bool = True) -> tuple[TokenLogps, bool]:
-    """Cached `compute_token_logps`. Returns (logps, reused_from_cache)."""
+                          use_cache: bool = True, world=None) -> tuple[TokenLogps, bool]:
+    """Cached `compute_token_logps`. Returns (logps, reused_from_cache).
+
+    In a distributed run (`world`), the cache counts only when every rank has it; otherwise each rank scores
+    its share of the pairs, the shares are gathered so every rank holds all of them, and rank 0 alone writes
+    the cache.
+    """
+    from .distributed import World, all_sum, gather_ragged
+
+    world = world or World()
     key = cache_key(model_path, pairs)
-    if use_cache and (cached := load_cached(key)) is not None and len(cached) == len(pairs):
+    cached = load_cached(key) if use_cache else None
+    cached = cached if cached is not None and len(cached) == len(pairs) else None
+    if world.distributed:
+        import mlx.core as mx
+
+        everywhere = all_sum(mx.array([int(cached is not None)], mx.int32), world).item() == world.size
+        cached = cached if everywhere else None
+    if cached is not None:
         return cached, True
-    logps = compute_token_logps(model, pairs, batch_size, pad_id, progress)
-    if use_cache and pairs:
+    if world.distributed:
+        mine = list(range(world.rank, len(pairs), world.size))
+        part = compute_token_logps(model, [pairs[i] for i in mine], batch_size, pad_id, progress)
+        logps = gather_ragged(dict(zip(mine, part)), [(len(p.chosen), len(p.rejected)) for p in pairs], world)
+    else:
+        logps = compute_token_logps(model, pairs, batch_size, pad_id, progress)
+    if use_cache and pairs and world.is_main:
         try:
             save_cached(key, logps)
         except OSError:
             pass  # a read-only or full cache folder costs a recomputation next time, nothing more
     return logps, False
-
-
-def describe_cache() -> str:
-    return json.dumps({"cache_dir": str(cache_dir())})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -17,30 +16,23 @@ from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from .batching import Layout, PairBatch, epoch_batches, make_batch
 from .checkpoint import MetricsLog, latest_checkpoint, load_checkpoint, resume_command, save_checkpoint, write_error
 from .config import TrainConfig
+from .distributed import World, all_sum, broadcast_json, broadcast_tree, shard, weighted_average_tree
 from .errors import PoetError
 from .evaluation import evaluate
+from .health import LearningWatch
 from .models import ADAPTER_CONFIG, ADAPTER_FILE, enable_grad_checkpoint, save_adapters, trainable_weights
 from .objective import Objective, batch_objective
+from .optimization import build_optimizer, total_steps, tree_norm
 from .reference import TokenLogps
 from .reporting import Reporter
 from .tokenization import TokenizedPair
 
-LEARNING_PATIENCE = 10
-"""Steps of evidence before the run warns that nothing is learning (zero gradients, still adapters, flat loss),
-and consecutive non-finite batches before --skip-nonfinite gives up."""
-LOSS_FLAT_TOL = 1e-5
-"""Per-step losses that stay within this band for LEARNING_PATIENCE steps count as flat. Float32 rounding
-between the reference pass and the policy moves DPO's initial loss by ~3e-6 (measured on the tiny model),
-so the band sits above that and far below any change that training makes."""
-ADAPTER_STILL_REL = 1e-7
-"""Adapter change below this fraction of the initial trainable norm is no change (float32 resolution)."""
 MAX_WARNINGS_KEPT = 20
 
 
@@ -77,91 +69,6 @@ class TrainState:
     """{"step", "kind", "message"} of every warning so far (the first MAX_WARNINGS_KEPT)."""
 
 
-class LearningWatch:
-    """Decides, step by step, whether a run visibly learns nothing. Pure bookkeeping: no MLX, no I/O.
-
-    Each kind of warning fires once per run: `zero_grad` (gradient norm exactly 0 for `patience` steps),
-    `flat_loss` (per-step loss within LOSS_FLAT_TOL for `patience` steps), `adapters_still` (adapter change
-    below ADAPTER_STILL_REL of the initial norm after `patience` steps).
-    """
-
-    def __init__(self, patience: Optional[int] = None, warned=()):
-        self.patience = patience or LEARNING_PATIENCE
-        self.warned = set(warned)
-        self.zero_grad_steps = 0
-        self.losses: deque = deque(maxlen=self.patience)
-
-    def observe(self, loss: float, grad_norm: float) -> list[tuple[str, str]]:
-        """Feed one applied step; returns new (kind, message) warnings."""
-        self.zero_grad_steps = self.zero_grad_steps + 1 if grad_norm == 0 else 0
-        self.losses.append(loss)
-        found = []
-        if self.zero_grad_steps >= self.patience:
-            found.append(("zero_grad", f"gradient norm has been zero for {self.patience} steps: nothing is "
-                                       "learning (are the adapters attached? is the learning rate 0?)"))
-        if len(self.losses) == self.patience and max(self.losses) - min(self.losses) <= LOSS_FLAT_TOL:
-            found.append(("flat_loss", f"the loss has not moved for {self.patience} steps (stays at "
-                                       f"{loss:.6g} within {LOSS_FLAT_TOL:g}): nothing is learning; raise "
-                                       "--learning-rate or check that chosen and rejected differ"))
-        return self._new(found)
-
-    def adapters(self, steps: int, change: float, initial_norm: float) -> list[tuple[str, str]]:
-        """Check the adapter change after `steps` applied steps (call once steps >= patience)."""
-        if change > ADAPTER_STILL_REL * max(initial_norm, 1e-30):
-            return []
-        return self._new([("adapters_still", f"the adapters have not changed after {steps} steps (change "
-                                             f"{change:.3g}): nothing is learning; raise --learning-rate")])
-
-    def _new(self, found):
-        new = [(k, m) for k, m in found if k not in self.warned]
-        self.warned.update(k for k, _ in new)
-        return new
-
-
-def total_steps(cfg: TrainConfig, num_pairs: int) -> int:
-    batches = math.ceil(num_pairs / cfg.batch_size)
-    if cfg.iters:
-        return cfg.iters
-    return max(1, math.ceil(cfg.epochs * batches / cfg.grad_accumulation_steps))
-
-
-def lr_schedule(peak: float, steps: int, warmup_ratio: float, kind: str) -> Callable:
-    """Linear warmup (first update at peak / (w + 1), not 0) then cosine/linear decay to 0, or constant."""
-    warmup = int(round(warmup_ratio * steps))
-    decay_steps = max(1, steps - warmup)
-
-    def schedule(step):
-        step = step.astype(mx.float32) if isinstance(step, mx.array) else mx.array(step, mx.float32)
-        warm = peak * (step + 1) / (warmup + 1)
-        progress = mx.clip((step - warmup) / decay_steps, 0.0, 1.0)
-        if kind == "cosine":
-            decayed = peak * 0.5 * (1.0 + mx.cos(math.pi * progress))
-        elif kind == "linear":
-            decayed = peak * (1.0 - progress)
-        else:
-            decayed = mx.array(peak, mx.float32)
-        return mx.where(step < warmup, warm, decayed)
-
-    return schedule
-
-
-def build_optimizer(cfg: TrainConfig, steps: int):
-    lr = lr_schedule(cfg.learning_rate, steps, cfg.warmup_ratio, cfg.lr_schedule)
-    kinds = {
-        "adamw": lambda: optim.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay),
-        "adam": lambda: optim.Adam(learning_rate=lr),
-        "sgd": lambda: optim.SGD(learning_rate=lr),
-        "adafactor": lambda: optim.Adafactor(learning_rate=lr),
-        "lion": lambda: optim.Lion(learning_rate=lr, weight_decay=cfg.weight_decay),
-        "muon": lambda: optim.Muon(learning_rate=lr),
-    }
-    return kinds[cfg.optimizer]()
-
-
-def _tree_norm(tree) -> mx.array:
-    return mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(tree)))
-
-
 class Trainer:
     """Runs one training run into the run folder `run`.
 
@@ -170,12 +77,15 @@ class Trainer:
         train, valid: PairSets (valid may be None).
         adapter_cfg: the adapter_config.json content saved with every checkpoint.
         should_stop: polled between steps; True saves a checkpoint and ends the run early.
+        world: this process's place in a data-parallel job (`distributed.init_world()`); each rank computes
+            its shard of every batch, gradients are averaged, and only rank 0 writes files.
     """
 
     def __init__(self, model, objective: Objective, cfg: TrainConfig, train: PairSet, valid: Optional[PairSet],
                  run: Path, adapter_cfg: dict, reporter: Reporter | None = None, pad_id: int = 0,
-                 should_stop: Callable[[], bool] = lambda: False):
+                 should_stop: Callable[[], bool] = lambda: False, world: World | None = None):
         self.model, self.objective, self.cfg = model, objective, cfg
+        self.world = world or World()
         if cfg.grad_checkpoint:
             enable_grad_checkpoint(model)
         self.train_set, self.valid_set = train, valid
@@ -189,7 +99,7 @@ class Trainer:
         self._nonfinite_streak = 0
         self._step_pairs: list[int] = []
         self.initial = {k: mx.array(v) for k, v in trainable_weights(model).items()}
-        self._initial_norm = float(_tree_norm(self.initial).item())
+        self._initial_norm = float(tree_norm(self.initial).item())
         self._lengths = [lay.tokens for lay in train.layouts]
         self._epoch_cache: dict[int, list] = {}
 
@@ -248,17 +158,21 @@ class Trainer:
             self._step_pairs += idx
             # Dropout draws from a key fixed by (seed, micro-batch), so a resumed run replays them exactly.
             mx.random.seed(self.cfg.seed * 1_000_003 + self.state.micro)
-            b = self.train_set.batch(idx, self.pad_id)
+            local, weight = self._local_share(idx)
+            b = self.train_set.batch(local, self.pad_id)
             ref = b.ref_logps if b.ref_logps is not None else np.zeros(len(b.starts), np.float32)
             loss, mvec, g = grad_step(mx.array(b.tokens), mx.array(b.starts), mx.array(b.score_lens),
                                       mx.array(b.keep_lens), mx.array(ref))
+            g, mvec = weighted_average_tree((g, mvec), weight, self.world)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             sums = mvec if sums is None else sums + mvec
-            tokens, scored, pairs = tokens + b.real_tokens, scored + b.scored_tokens, pairs + len(idx)
+            counts = np.array([b.real_tokens, b.scored_tokens], np.int64) * (weight > 0)
+            tokens_here, scored_here = self._global_counts(counts)
+            tokens, scored, pairs = tokens + tokens_here, scored + scored_here, pairs + len(idx)
             self.state.micro += 1
         if accum > 1:
             grads = tree_map(lambda x: x / accum, grads)
-        norm = _tree_norm(grads)
+        norm = tree_norm(grads)
         mx.eval(sums, norm, grads)
         values = dict(zip(names, (sums / accum).tolist()))
         values["grad_norm"] = norm.item()
@@ -269,6 +183,29 @@ class Trainer:
         if not self.cfg.skip_nonfinite:
             self._non_finite(values)
         return values, tokens, scored, pairs, False
+
+    def _local_share(self, idx: list[int]) -> tuple[list[int], float]:
+        """This rank's pairs of a global micro-batch and their share of it (the weight of its gradient).
+
+        A rank left without pairs (a last batch smaller than the world) still runs one pair, with weight 0,
+        so every rank takes part in the same all-reduces.
+        """
+        if not self.world.distributed:
+            return idx, 1.0
+        local = shard(idx, self.world)
+        return (local, len(local) / len(idx)) if local else (idx[:1], 0.0)
+
+    def _global_counts(self, counts: np.ndarray) -> tuple[int, int]:
+        if self.world.distributed:
+            counts = np.asarray(all_sum(mx.array(counts.astype(np.int32)), self.world))
+        return int(counts[0]), int(counts[1])
+
+    def _stop_requested(self) -> bool:
+        """Any rank's stop request stops every rank at the same step (else the others would hang)."""
+        wanted = bool(self.should_stop())
+        if self.world.distributed:
+            wanted = all_sum(mx.array([int(wanted)], mx.int32), self.world).item() > 0
+        return wanted
 
     def _bad_values(self, values: dict) -> str:
         bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
@@ -290,7 +227,8 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict:
         if resume:
             self._restore()
-        log = MetricsLog(self.run, resume_step=self.state.step if resume else None)
+        log = (MetricsLog(self.run, resume_step=self.state.step if resume else None) if self.world.is_main
+               else _SilentLog())
         grad_step, apply_update, names = self._compile()
         self.model.train()
         if self.valid_set is not None and self.state.step == 0 and self.cfg.steps_per_eval > 0:
@@ -298,7 +236,7 @@ class Trainer:
         window: list[dict] = []
         interrupted = False
         while self.state.step < self.steps:
-            if self.should_stop():
+            if self._stop_requested():
                 interrupted = True
                 break
             tic = time.perf_counter()
@@ -398,7 +336,7 @@ class Trainer:
     def _validate(self, log: MetricsLog) -> None:
         self.reporter.phase("validation", 0, len(self.valid_set))
         means, _ = evaluate(self.model, self.valid_set, self.objective, self.cfg.batch_size, self.pad_id,
-                            progress=lambda d, t: self.reporter.phase("validation", d, t))
+                            progress=lambda d, t: self.reporter.phase("validation", d, t), world=self.world)
         self.model.train()
         record = {"step": self.state.step, **{f"eval_{k}": v for k, v in means.items()}}
         self.state.last_eval = record
@@ -409,9 +347,13 @@ class Trainer:
         self.reporter.log(record)
 
     # -- checkpoints ------------------------------------------------------------------------------------
-    def _checkpoint(self) -> Path:
+    def _checkpoint(self) -> Optional[Path]:
         """Save a checkpoint, then the run folder's adapters. NaN/inf weights, a full disk or a read-only
-        folder raise PoetError and keep the previous checkpoint and adapters as they were."""
+        folder raise PoetError and keep the previous checkpoint and adapters as they were.
+
+        Only rank 0 writes: every rank holds the same weights."""
+        if not self.world.is_main:
+            return None
         weights = trainable_weights(self.model)
         self.reporter.phase("saving", 0, 1)
         state = asdict(self.state)
@@ -427,10 +369,19 @@ class Trainer:
         return folder
 
     def _restore(self) -> None:
-        folder = latest_checkpoint(self.run)
-        if folder is None:
-            raise PoetError(f"nothing to resume in {self.run}: no complete checkpoint")
-        adapters, opt_state, state = load_checkpoint(folder)
+        """Load the latest checkpoint. In a distributed run rank 0 reads it and sends it to the others, whose
+        machines need not hold the run folder."""
+        if self.world.is_main:
+            folder = latest_checkpoint(self.run)
+            if folder is None:
+                raise PoetError(f"nothing to resume in {self.run}: no complete checkpoint")
+            adapters, opt_state, state = load_checkpoint(folder)
+        else:
+            folder, state = self.run, {}
+            adapters = {k: mx.zeros_like(v) for k, v in trainable_weights(self.model).items()}
+        if self.world.distributed:
+            adapters, opt_state, state = self._broadcast_checkpoint(adapters, opt_state if self.world.is_main
+                                                                     else None, state)
         self.model.load_weights(list(adapters.items()), strict=False)
         self.optimizer.init(self.model.trainable_parameters())
         # A checkpoint saved before any update (a stop at step 0, or only skipped batches) has no per-parameter
@@ -446,6 +397,17 @@ class Trainer:
         self.state = TrainState(**{k: v for k, v in state.items() if k in known})
         self.watch = LearningWatch(warned=[w.get("kind") for w in self.state.warnings])
         self.watch.zero_grad_steps = self.state.zero_grad_steps
+
+    def _broadcast_checkpoint(self, adapters: dict, opt_state: Optional[dict], state: dict):
+        """Rank 0's checkpoint on every rank: the trees have the same shapes everywhere (same model and
+        optimizer), so the others contribute zeros to an all-reduce."""
+        state = broadcast_json(state, self.world)
+        keys = broadcast_json(sorted(opt_state) if opt_state is not None else None, self.world)
+        if opt_state is None:
+            self.optimizer.init(self.model.trainable_parameters())
+            shapes = dict(tree_flatten(self.optimizer.state))
+            opt_state = {k: mx.zeros_like(shapes[k]) if k in shapes else mx.zeros((1,)) for k in keys}
+        return broadcast_tree(adapters, self.world), broadcast_tree(opt_state, self.world), state
 
     def _summary(self, interrupted: bool) -> dict:
         s = self.state
@@ -466,3 +428,10 @@ class Trainer:
             "nonfinite_skipped": s.nonfinite_skipped,
             "warnings": [w["message"] for w in s.warnings],
         }
+
+
+class _SilentLog:
+    """The metrics log of ranks other than 0: rank 0 writes the run's only metrics.jsonl."""
+
+    def write(self, record: dict) -> None:
+        pass

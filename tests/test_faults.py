@@ -292,7 +292,7 @@ def test_non_finite_batch_stops_with_a_diagnosis_then_resumes_skipping(tiny_mode
 
 def test_skip_nonfinite_counts_and_gives_up_when_every_batch_is_bad(tiny_model_dir, tiny_data_dir, tmp_path,
                                                                     poisoned_batches, monkeypatch):
-    from poet_mlx import trainer
+    from poet_mlx import health
 
     data = _small_data(tiny_data_dir, tmp_path)
     poisoned_batches["poison"] = {3}
@@ -301,7 +301,7 @@ def test_skip_nonfinite_counts_and_gives_up_when_every_batch_is_bad(tiny_model_d
     assert summary["steps"] == 4 and summary["nonfinite_skipped"] == 1
     assert len(summary["warnings"]) == 1 and "step 3: non-finite values (loss=nan" in summary["warnings"][0]
     assert rec.of("warning") == summary["warnings"]
-    monkeypatch.setattr(trainer, "LEARNING_PATIENCE", 2)
+    monkeypatch.setattr(health, "LEARNING_PATIENCE", 2)
     poisoned_batches.update(n=0, poison="all")
     with pytest.raises(PoetError, match="2 batches in a row were non-finite"):
         run_training(run_config(tiny_model_dir, data, tmp_path / "b", iters=4, skip_nonfinite=True))
@@ -384,7 +384,7 @@ def test_an_unfinished_start_does_not_block_the_next_one(tmp_path):
 
 
 def test_learning_watch_rules():
-    from poet_mlx.trainer import LOSS_FLAT_TOL, LearningWatch
+    from poet_mlx.health import LOSS_FLAT_TOL, LearningWatch
 
     w = LearningWatch(patience=3)
     assert w.observe(0.69, 0.0) == [] and w.observe(0.5, 0.0) == []
@@ -403,9 +403,9 @@ def test_learning_watch_rules():
 
 def test_a_run_that_learns_nothing_warns_everywhere_and_a_big_one_warns_about_memory(
         tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
-    from poet_mlx import preflight, trainer
+    from poet_mlx import health, preflight
 
-    monkeypatch.setattr(trainer, "LEARNING_PATIENCE", 3)
+    monkeypatch.setattr(health, "LEARNING_PATIENCE", 3)
     monkeypatch.setattr(preflight, "total_memory", lambda: 10**6)  # a 1 MB machine
     estimates = []
     real_estimate = preflight.estimate_run_memory
