@@ -34,27 +34,54 @@ def wanted() -> bool:
     return mx.default_device() == mx.cpu
 
 
+BLOCK_ELEMENTS = 1 << 23
+"""Weight values expanded to float32 at once (32 MiB): a large matrix (a 152k-token output projection) is
+expanded and multiplied in blocks of output rows, because `mx.dequantize` holds several full-size
+temporaries (measured: 2 GB for Qwen2.5-0.5B's tied embedding in one piece)."""
+
+
+def _blocks(n: int, k: int) -> list[tuple[int, int]]:
+    rows = max(1, BLOCK_ELEMENTS // max(1, k))
+    return [(s, min(n, s + rows)) for s in range(0, n, rows)]
+
+
 @lru_cache(maxsize=None)
 def dequantized_matmul(group_size: int, bits: int):
     """A function (x, w, scales, biases) -> x @ dequantize(w).T in float32, with a recomputing VJP.
 
     Shapes: x (..., in); w, scales, biases as from `mx.quantize` of an (out, in) matrix; result (..., out).
+    Each block's expansion is tied (`mx.depends`) to the previous result, so MLX expands one block at a time,
+    just before it is used, instead of all weights of the model up front; the backward pass expands again
+    rather than keeping the forward's copies (and, tied to the cotangent, is not merged with them by
+    `mx.compile`).
     """
     import mlx.core as mx
 
-    def expand(w, scales, biases):
-        return mx.dequantize(w, scales, biases, group_size, bits, mode="affine", dtype=mx.float32)  # (out, in)
+    def expand(w, scales, biases, s, e, after):
+        w = mx.depends(w[s:e], after)
+        return mx.dequantize(w, scales[s:e], biases[s:e], group_size, bits, mode="affine",
+                             dtype=mx.float32)  # (e - s, in)
 
     @mx.custom_function
     def f(x, w, scales, biases):
-        return x.astype(mx.float32) @ expand(w, scales, biases).T
+        xf = x.astype(mx.float32)
+        parts, after = [], x
+        for s, e in _blocks(w.shape[0], x.shape[-1]):
+            parts.append(xf @ expand(w, scales, biases, s, e, after).T)  # (..., e - s)
+            after = parts[-1]
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
 
     @f.vjp
     def f_vjp(primals, cotangent, output):
         x, w, scales, biases = primals
-        dx = (cotangent.astype(mx.float32) @ expand(w, scales, biases)).astype(x.dtype)  # (..., in)
+        g = cotangent.astype(mx.float32)
+        dx, after = None, cotangent
+        for s, e in _blocks(w.shape[0], x.shape[-1]):
+            part = g[..., s:e] @ expand(w, scales, biases, s, e, after)  # (..., in)
+            dx = part if dx is None else dx + part
+            after = dx
         # The quantized weights are frozen: their cotangents are never evaluated.
-        return dx, mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
+        return dx.astype(x.dtype), mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
 
     return f
 

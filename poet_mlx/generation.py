@@ -149,7 +149,7 @@ class CallableJudge:
     def __init__(self, fn: Callable, name: str):
         self.fn, self.name = fn, name
 
-    def score(self, samples: Sequence[Sample]) -> list[float]:
+    def score(self, samples: Sequence[Sample], tokenizer=None) -> list[float]:
         return [check_score(self.fn(s.prompt, s.reply), self.name, s) for s in samples]
 
 
@@ -219,9 +219,9 @@ def _import(module_name: str, spec: str):
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
+        fn = spec.rpartition(":")[2]
         raise PoetError(f"--judge {spec}: no module named '{exc.name or module_name}'. Install it, run from the "
-                        f"folder that holds it (or set PYTHONPATH), or give a file: path/to/judges.py:{spec.rpartition(':')[2]}"
-                        ) from None
+                        f"folder that holds it (or set PYTHONPATH), or give a file: path/to/judges.py:{fn}") from None
     except Exception as exc:
         raise PoetError(f"--judge {spec}: importing '{module_name}' failed ({type(exc).__name__}: {exc})") from None
 
@@ -230,33 +230,36 @@ class ImplicitJudge:
     """The implicit reward of a trained run, on the sampled token ids (the eval and the run must share a
     tokenizer). The run's base model and adapters load on first use."""
 
-    def __init__(self, run: str, tokenizer, batch_size: int = 8):
+    def __init__(self, run: str, batch_size: int = 8):
         from .config import RunConfig
         from .pipeline import saved_config
 
         self.run, self.name = Path(run), f"implicit:{run}"
         self.cfg = RunConfig.from_flat(saved_config(self.run), source=f"{self.run}/adapter_config.json")
-        self.tokenizer, self.batch_size = tokenizer, batch_size
+        self.batch_size = batch_size
         self.model = None
 
-    def _load(self):
+    def _load(self, tokenizer):
         from .models import load_adapters, load_model
 
         model, tok, _ = load_model(self.cfg.model.model, self.cfg.model.revision, self.cfg.model.trust_remote_code)
-        if tok.get_vocab() != self.tokenizer.get_vocab():
+        if tok.get_vocab() != tokenizer.get_vocab():
             raise PoetError(f"judge {self.name}: the run's model {self.cfg.model.model} has another tokenizer than "
                             "the evaluated model; an implicit judge must share the tokenizer")
         load_adapters(model, self.run)
         model.eval()
         self.model = model
 
-    def score(self, samples: Sequence[Sample]) -> list[float]:
+    def score(self, samples: Sequence[Sample], tokenizer=None) -> list[float]:
+        """Rewards of the samples, whose token ids come from `tokenizer` (the evaluated model's)."""
         from .models import adapters_disabled
         from .prefix import AVERAGED_LOSSES
 
+        if tokenizer is None:
+            raise ValueError("an implicit judge scores token ids: pass the tokenizer they come from")
         if self.model is None:
-            self._load()
-        eos = self.tokenizer.eos_token_id
+            self._load(tokenizer)
+        eos = tokenizer.eos_token_id
         replies = [list(s.reply_ids) + ([eos] if s.finished and eos is not None else []) for s in samples]
         # An empty reply still gets one scored token (the EOS it would need), so every score is defined.
         replies = [r if r else [eos or 0] for r in replies]
@@ -287,14 +290,15 @@ def reply_logps(model, prompts: Sequence[np.ndarray], replies: Sequence[list], b
     return [c for c, _ in logps]
 
 
-def load_judge(spec: str, tokenizer=None):
-    """A judge object with `.name` and `.score(samples) -> list[float]` from a --judge spec (see the module
-    docstring). `tokenizer` (the evaluated model's) is needed by implicit judges."""
+def load_judge(spec: str):
+    """A judge object with `.name` and `.score(samples, tokenizer) -> list[float]` from a --judge spec (see
+    the module docstring). Cheap: an implicit judge checks its run folder now and loads its model on first use.
+    """
     if spec.startswith("implicit:"):
         run = spec[len("implicit:"):]
         if not run:
             raise PoetError(f"--judge implicit: needs a run folder, e.g. implicit:runs/dpo. {JUDGE_HELP}")
-        return ImplicitJudge(run, tokenizer)
+        return ImplicitJudge(run)
     return CallableJudge(load_callable(spec), spec)
 
 

@@ -288,25 +288,21 @@ def run_evaluation(cfg: RunConfig, adapter_path: Optional[str], reporter: Report
             (adapters off) and from each run, judge them, and give each run's win rate over the base.
     """
     from .evaluation import evaluate
-    from .models import ADAPTER_FILE
 
     reporter = reporter or Reporter()
     runs = [str(r) for r in (adapter_path, *compare) if r]
     if generation is not None and not runs:
         raise PoetError("--generate compares a trained run's replies with its base model's: pass --adapter-path "
                         "RUN (and --compare RUN2 ... for more runs)")
-    for run in runs:  # before the model loads
-        if not (Path(run) / ADAPTER_CONFIG).is_file() or not (Path(run) / ADAPTER_FILE).is_file():
-            raise PoetError(f"no adapters in {run}: expected {ADAPTER_CONFIG} and {ADAPTER_FILE} (the "
-                            "--adapter-path of a finished or checkpointed run)")
-    reporter.phase("loading model", 0, None)
-    model, tokenizer, path = load_model(cfg.model.model, cfg.model.revision, cfg.model.trust_remote_code)
-    reporter.phase("loading model", 1, 1)
+    _check_runs(runs, cfg, reporter)  # before the model loads
     judge = None
     if generation is not None:
         from .generation import load_judge
 
-        judge = load_judge(generation.judge, tokenizer)
+        judge = load_judge(generation.judge)
+    reporter.phase("loading model", 0, None)
+    model, tokenizer, path = load_model(cfg.model.model, cfg.model.revision, cfg.model.trust_remote_code)
+    reporter.phase("loading model", 1, 1)
     objective = Objective.from_config(cfg.loss)
     data = loaded = None
     for split in eval_splits(cfg.data.data):
@@ -343,6 +339,23 @@ def run_evaluation(cfg: RunConfig, adapter_path: Optional[str], reporter: Report
         if generation is not None:
             _generation_check(model, label, s, loaded[0], tokenizer, generation, judge, reporter, result)
     return result
+
+
+def _check_runs(runs: list, cfg: RunConfig, reporter: Reporter) -> None:
+    """Every run folder holds adapters; a run trained on another base model than --model gets a warning."""
+    from .models import ADAPTER_FILE
+
+    for run in runs:
+        if not (Path(run) / ADAPTER_CONFIG).is_file() or not (Path(run) / ADAPTER_FILE).is_file():
+            raise PoetError(f"no adapters in {run}: expected {ADAPTER_CONFIG} and {ADAPTER_FILE} (the "
+                            "--adapter-path of a finished or checkpointed run)")
+        try:
+            trained_on = str(saved_config(Path(run)).get("model"))
+        except PoetError:
+            continue  # mlx-lm's own adapters: no poet-mlx settings to compare
+        if trained_on != cfg.model.model and Path(trained_on).resolve() != Path(cfg.model.model).resolve():
+            reporter.warning(f"{run} was trained on {trained_on}, but its adapters are evaluated on "
+                             f"{cfg.model.model}; --model must be the run's base model")
 
 
 def _run_labels(runs: list) -> list[str]:
@@ -391,18 +404,18 @@ def _generation_check(model, label, s, rows, tokenizer, opts, judge, reporter, r
         with adapters_disabled(model):
             base = generate_samples(model, tokenizer, prompts, "base", opts,
                                     progress=lambda d, t: reporter.phase("sampling (base)", d, t))
-        _judge(judge, base, reporter)
+        _judge(judge, base, tokenizer, reporter)
         result.samples.extend(base)
     aligned = generate_samples(model, tokenizer, prompts, label, opts,
                                progress=lambda d, t: reporter.phase(f"sampling ({label})", d, t))
-    _judge(judge, aligned, reporter)
+    _judge(judge, aligned, tokenizer, reporter)
     result.samples.extend(aligned)
     base_scores = [x.score for x in result.samples if x.model == "base"]
     result.win_rates[label] = win_rate([x.score for x in aligned], base_scores)
 
 
-def _judge(judge, samples, reporter) -> None:
+def _judge(judge, samples, tokenizer, reporter) -> None:
     reporter.phase(f"judging ({judge.name})", 0, len(samples))
-    for x, score in zip(samples, judge.score(samples)):
+    for x, score in zip(samples, judge.score(samples, tokenizer)):
         x.score = score
     reporter.phase(f"judging ({judge.name})", len(samples), len(samples))

@@ -88,7 +88,9 @@ def train_sft(model, examples: Sequence, steps: int, batch_size: int, learning_r
     losses = []
     for s in range(steps):
         if len(order) < batch_size:
-            order += list(rng.permutation(len(examples)))
+            # Random mixes, not length-sorted batches: sorting would put the short (chosen) and the long
+            # (rejected) replies of the demo task in separate batches, and the model swings between them.
+            order += [int(i) for i in rng.permutation(len(examples))]
         idx, order = order[:batch_size], order[batch_size:]
         tokens, starts, lengths = sft_batch(examples, idx, pad_id)
         loss = step(mx.array(tokens), mx.array(starts), mx.array(lengths))

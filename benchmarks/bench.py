@@ -1,0 +1,103 @@
+"""poet-mlx benchmark: speed and memory of preference training, before/after each design decision, and side by
+side with mlx-lm-lora when it is installed.
+
+    python benchmarks/bench.py            # everything (~10 minutes on 2 CPU cores)
+    python benchmarks/bench.py --quick    # tiny model only (~1-2 minutes)
+    python benchmarks/bench.py --sections models peer --out results.json
+    python benchmarks/bench.py --setup-peer   # installs mlx-lm-lora 5.10.2 into benchmarks/.peer-venv
+
+Prints one table per section and writes every number to a JSON file (default benchmarks/out/bench.json).
+Models and data are generated in code (benchmarks/workloads.py) and cached in --work.
+Timings on a shared machine are noisy: the load average is recorded with every measurement; compare ratios
+measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import sections  # noqa: E402
+
+ALL = ("blas", "models", "peer", "variants", "lossmem")
+PEER_PIN = ["mlx-lm-lora==5.10.2", "mlx[cpu]>=0.32,<0.33", "mlx-lm>=0.32,<0.33", "scipy-openblas32"]
+
+
+def setup_peer() -> int:
+    venv = sections.ROOT / "benchmarks" / ".peer-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pins = PEER_PIN if sys.platform.startswith("linux") else [p.replace("mlx[cpu]", "mlx") for p in PEER_PIN]
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", *pins], check=True)
+    print(f"mlx-lm-lora installed in {venv}; bench.py finds it there")
+    return 0
+
+
+def machine() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("mlx", "mlx-lm", "scipy-openblas32", "numpy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "load_average": os.getloadavg(), "versions": versions}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny model only, few steps (~1-2 minutes)")
+    p.add_argument("--sections", nargs="+", choices=ALL, default=list(ALL))
+    p.add_argument("--out", default=str(sections.ROOT / "benchmarks" / "out" / "bench.json"), help="JSON results file")
+    p.add_argument("--work", default=str(Path.home() / ".cache" / "poet-mlx" / "bench"),
+                   help="cache of generated models/data and scratch runs")
+    p.add_argument("--peer-python", help="Python of a venv with mlx-lm-lora (default: $POET_BENCH_PEER_PYTHON, "
+                   "then benchmarks/.peer-venv)")
+    p.add_argument("--setup-peer", action="store_true", help="install mlx-lm-lora into benchmarks/.peer-venv and exit")
+    args = p.parse_args(argv)
+    if args.setup_peer:
+        return setup_peer()
+
+    plan = sections.Plan.quick() if args.quick else sections.Plan.full()
+    work = Path(args.work)
+    results = {"plan": "quick" if args.quick else "full", "machine": machine(), "sections": {}}
+    tic = time.perf_counter()
+    for name in args.sections:
+        start = time.perf_counter()
+        print(f"== {name} (load average {os.getloadavg()[0]:.2f})", flush=True)
+        if name == "blas":
+            data, text = sections.section_blas(work, plan)
+        elif name == "models":
+            data, text = sections.section_models(work, plan)
+        elif name == "peer":
+            data, text = sections.section_peer(work, plan, sections.peer_python(args.peer_python))
+        elif name == "variants":
+            if not plan.variants:
+                continue
+            data, text = sections.section_variants(work, plan)
+        else:
+            data, text = sections.section_lossmem(plan)
+        results["sections"][name] = {"seconds": time.perf_counter() - start, "result": data}
+        print(text, flush=True)
+    results["seconds"] = time.perf_counter() - tic
+    results["load_average_end"] = os.getloadavg()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out)
+    print(f"total {results['seconds']:.0f} s; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

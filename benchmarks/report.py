@@ -1,0 +1,35 @@
+"""Plain-text tables for the benchmark's results (the JSON file holds everything; these are the summaries)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]], note: str = "") -> str:
+    """A titled, column-aligned text table; `note` is printed under it."""
+    body = [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
+    line = "  ".join("-" * w for w in widths)
+    out = [title, "  ".join(h.ljust(w) for h, w in zip(headers, widths)), line]
+    out += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in body]
+    if note:
+        out.append(note)
+    return "\n".join(out) + "\n"
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None

@@ -1,0 +1,229 @@
+"""The benchmark (benchmarks/) in small, and the library changes it motivated: `fast_quant` (4-bit layers on
+the CPU through dequantize + GEMM) and `per_token_logps`' hand-written gradient (memory flat in V)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import report, sections, workloads  # noqa: E402
+from poet_mlx import fast_quant  # noqa: E402
+from poet_mlx.logprobs import per_token_logps  # noqa: E402
+
+
+# -- workloads ---------------------------------------------------------------------------------------------
+
+def test_synthetic_rows_are_deterministic_with_a_length_spread():
+    spec = workloads.DataSpec(pairs=40, seed=3)
+    rows = workloads.make_rows(spec)
+    assert rows == workloads.make_rows(spec) and rows != workloads.make_rows(workloads.DataSpec(pairs=40, seed=4))
+    chosen = [len(r["chosen"].split()) for r in rows]
+    rejected = [len(r["rejected"].split()) for r in rows]
+    assert min(chosen + rejected) >= 30 and max(chosen + rejected) <= 200
+    assert sum(c != r for c, r in zip(chosen, rejected)) > 30  # responses of a pair differ in length
+
+
+@pytest.mark.parametrize("name", list(workloads.MODELS))
+def test_model_spec_param_counts_match_mlx_lm(name):
+    """The advertised sizes (7.6M, 25M, Qwen2.5-0.5B's 494M) are those of the models mlx-lm builds."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama, qwen2
+
+    spec = workloads.MODELS[name]
+    module = qwen2 if spec.model_type == "qwen2" else llama
+    model = module.Model(module.ModelArgs.from_dict(workloads._config(spec, 100)))
+    assert sum(v.size for _, v in tree_flatten(model.parameters())) == spec.params  # lazy: nothing allocated
+    assert {"tiny-7.6M": 7.6e6, "llama-25M": 25.0e6, "qwen2.5-0.5b-4bit": 494.0e6}[name] == pytest.approx(
+        spec.params, rel=0.01)
+
+
+def test_table_aligns_and_formats():
+    text = report.table("T", ["a", "value"], [["x", 1.23456], ["long name", None]], "note")
+    lines = text.splitlines()
+    assert lines[0] == "T" and lines[-1] == "note"
+    assert len({len(line) for line in lines[1:-1]}) == 1
+    assert "1.23" in text and "-" in lines[-2]
+
+
+# -- the benchmark's children, in small ---------------------------------------------------------------------
+
+def test_training_case_measures_steps_memory_and_reference(tiny_model_dir, tiny_data_dir, tmp_path):
+    cfg = sections.train_config(tiny_model_dir, tiny_data_dir, tmp_path / "run", "dpo+poet", steps=3, batch=4,
+                                max_length=96, num_layers=2)
+    r = sections.run_ours(tmp_path, cfg)
+    assert "error" not in r, r
+    assert r["steps"] == 3 and len(r["step_times"]) == 3 and r["step_s"] > 0
+    assert r["reference_s"] is not None and r["peak_train_gb"] > 0 and r["max_rss_gb"] > 0
+    assert 0 < r["poet_token_saving"] < 1 and r["scored_tokens_per_pair"] < r["response_tokens_per_pair"]
+    assert r["response_tokens_per_s"] < r["tokens_per_s"]
+
+
+def test_variants_baselines_give_the_same_loss(tiny_model_dir, tiny_data_dir):
+    """The "before" designs rebuilt in the benchmark compute the same objective as the library's step."""
+    base = {"model": str(tiny_model_dir), "data": str(tiny_data_dir), "loss": "dpo", "poet": False, "steps": 2,
+            "batch_size": 4, "max_length": 96, "max_prompt_length": 32, "num_layers": 2}
+    from concurrent.futures import ThreadPoolExecutor
+
+    variants = ("ours", "peer_like+naive_logprobs", "response_head")
+    with ThreadPoolExecutor(len(variants)) as pool:  # child processes: use both cores
+        results = list(pool.map(lambda v: sections.run_child("variants", {**base, "variant": v}), variants))
+    losses = {}
+    for variant, r in zip(variants, results):
+        assert "error" not in r, r
+        losses[variant] = r["final_loss"]
+        assert 0 <= r["epoch_padding_fraction"] < 1
+    assert np.allclose(list(losses.values()), losses["ours"], rtol=1e-4), losses
+
+
+def test_peer_section_skips_without_the_peer(tmp_path):
+    data, text = sections.section_peer(tmp_path, sections.Plan.quick(), None)
+    assert "skipped" in data and "--setup-peer" in text
+
+
+# -- fast_quant --------------------------------------------------------------------------------------------
+
+def _quantized(n: int, k: int, seed: int):
+    w = mx.random.normal((n, k), key=mx.random.key(seed)) / k ** 0.5
+    return mx.quantize(w, 64, 4)
+
+
+@pytest.mark.parametrize("blocks", [False, True])
+def test_dequantized_matmul_equals_quantized_matmul_with_its_gradient(monkeypatch, blocks):
+    if blocks:  # several output blocks, the last one ragged
+        monkeypatch.setattr(fast_quant, "BLOCK_ELEMENTS", 128 * 40)
+        fast_quant.dequantized_matmul.cache_clear()
+    wq, s, b = _quantized(200, 128, 0)
+    x = mx.random.normal((3, 5, 128), key=mx.random.key(1))
+    f = fast_quant.dequantized_matmul(64, 4)
+    native = lambda x: mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=4)  # noqa: E731
+    np.testing.assert_allclose(np.array(f(x, wq, s, b)), np.array(native(x)), rtol=1e-5, atol=1e-5)
+    cot = mx.random.normal((3, 5, 200), key=mx.random.key(2))
+    g_fast = mx.compile(mx.grad(lambda x: (f(x, wq, s, b) * cot).sum()))(x)
+    g_native = mx.grad(lambda x: (native(x) * cot).sum())(x)
+    np.testing.assert_allclose(np.array(g_fast), np.array(g_native), rtol=1e-4, atol=1e-5)
+    fast_quant.dequantized_matmul.cache_clear()
+
+
+def test_dequantized_matmul_computes_in_float32():
+    wq, s, b = _quantized(64, 128, 3)
+    x = mx.random.normal((4, 128), key=mx.random.key(4)).astype(mx.bfloat16)
+    assert fast_quant.dequantized_matmul(64, 4)(x, wq, s, b).dtype == mx.float32
+
+
+def test_accelerated_quantized_model_trains_like_the_native_one(tiny_quant_model_dir, monkeypatch):
+    """Same loss and LoRA gradients through a tiny 4-bit llama; parameter names unchanged."""
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    tokens = mx.array(np.random.default_rng(0).integers(7, 200, (2, 24)), mx.int32)
+    out = {}
+    for mode in ("native", "fast"):
+        model, _ = load(str(tiny_quant_model_dir))
+        names = sorted(k for k, _ in tree_flatten(model.parameters()))
+        if mode == "fast":
+            assert fast_quant.accelerate_quantized(model) > 0
+            assert names == sorted(k for k, _ in tree_flatten(model.parameters()))
+            assert isinstance(model.layers[0].mlp.up_proj, nn.QuantizedLinear)
+        model.freeze()
+        mx.random.seed(0)
+        linear_to_lora_layers(model, 2, {"rank": 4, "scale": 20.0, "dropout": 0.0})
+        for i, (k, v) in enumerate(tree_flatten(model.trainable_parameters())):  # non-zero B: grads reach A
+            model.update(_nested(k, mx.random.normal(v.shape, key=mx.random.key(i)) * 0.05))
+        loss = lambda m: per_token_logps(m(tokens[:, :-1]), tokens[:, 1:]).sum()  # noqa: E731
+        value, grads = nn.value_and_grad(model, loss)(model)
+        out[mode] = (value.item(), {k: np.array(g) for k, g in tree_flatten(grads)})
+    assert out["fast"][0] == pytest.approx(out["native"][0], rel=1e-5)
+    for k, g in out["native"][1].items():
+        np.testing.assert_allclose(out["fast"][1][k], g, rtol=1e-3, atol=1e-4)
+
+
+def _nested(key: str, value):
+    from mlx.utils import tree_unflatten
+
+    return tree_unflatten([(key, value)])
+
+
+def test_accelerate_quantized_is_off_where_not_wanted(tiny_quant_model_dir, monkeypatch):
+    from mlx_lm import load
+
+    model, _ = load(str(tiny_quant_model_dir))
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert fast_quant.accelerate_quantized(model) == 0
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setenv(fast_quant.ENV_SWITCH, "native")
+    assert fast_quant.accelerate_quantized(model) == 0
+    assert type(model.layers[0].mlp.up_proj) is nn.QuantizedLinear
+
+
+def test_load_model_accelerates_quantized_models_on_linux_cpu(tiny_quant_model_dir, monkeypatch):
+    from poet_mlx.models import load_model
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv(fast_quant.ENV_SWITCH, raising=False)
+    model, _, _ = load_model(str(tiny_quant_model_dir))
+    wanted = mx.default_device() == mx.cpu
+    assert getattr(model.layers[0].mlp.up_proj, "_poet_fast_quant", False) == wanted
+
+
+# -- per_token_logps' gradient ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,chunk", [(mx.float32, 1 << 24), (mx.bfloat16, 1 << 24), (mx.bfloat16, 300)])
+def test_per_token_logps_gradient_matches_log_softmax(dtype, chunk):
+    logits = (mx.random.normal((2, 7, 50), key=mx.random.key(5)) * 4).astype(dtype)
+    targets = mx.random.randint(0, 50, (2, 7), key=mx.random.key(6))
+    w = mx.random.normal((2, 7), key=mx.random.key(7))
+
+    def naive(x):
+        logp = nn.log_softmax(x.astype(mx.float32), axis=-1)
+        return (mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0] * w).sum()
+
+    ours = mx.grad(lambda x: (per_token_logps(x, targets, chunk) * w).sum())(logits)
+    assert ours.dtype == dtype
+    tol = 1e-5 if dtype == mx.float32 else 2e-2
+    np.testing.assert_allclose(np.array(ours.astype(mx.float32)), np.array(mx.grad(naive)(logits).astype(mx.float32)),
+                               rtol=tol, atol=tol)
+
+
+def test_per_token_logps_training_memory_does_not_grow_with_the_vocabulary():
+    """Compiled gradient w.r.t. float32 logits: nothing beyond the logits and their gradient (the automatic
+    gradient of a chunked logsumexp held several (N, T, V) copies, growing with the number of chunks)."""
+    extra = []
+    for v in (8192, 65536):
+        logits = mx.random.normal((2, 64, v), key=mx.random.key(v))
+        targets = mx.random.randint(0, v, (2, 64), key=mx.random.key(v + 1))
+        grad_fn = mx.compile(mx.grad(lambda x: per_token_logps(x, targets, 1 << 18).sum()))
+        mx.eval(logits, targets, grad_fn(logits))
+        mx.synchronize()
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        g = grad_fn(logits)
+        mx.eval(g)
+        extra.append((mx.get_peak_memory() - base - g.nbytes) / logits.nbytes)
+        del g
+    assert max(extra) < 0.1, extra
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_end_to_end(tmp_path):
+    """`bench.py --quick` (about a minute): every section prints and the JSON holds its numbers."""
+    import subprocess
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--work", str(tmp_path),
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert {"blas", "models", "peer", "lossmem"} <= set(results["sections"])
+    assert all("error" not in r for r in results["sections"]["models"]["result"])

@@ -1,0 +1,206 @@
+"""Generation-level check: judges (loading and rejecting), win rates and their intervals, sampling with the
+adapters off, the implicit judge, and `poet-mlx eval --generate/--prefix-curve/--entropy/--compare`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import run_config
+from poet_mlx.errors import PoetError
+from poet_mlx.generation import (CallableJudge, Sample, check_score, load_callable, load_judge, win_rate,
+                                 wilson_interval)
+
+
+def sample(**kw) -> Sample:
+    base = dict(index=3, prompt="Tell me about the river.", model="run", reply="Sure.", reply_ids=[1], finished=True,
+                seed=0)
+    return Sample(**{**base, **kw})
+
+
+# ------------------------------------------------------------------------------------------------ judges
+
+
+def test_load_judge_by_module_and_by_file(tmp_path):
+    from poet_mlx import demo_task
+
+    fn = load_callable("poet_mlx.demo_task:judge")
+    assert fn is demo_task.judge
+    judge = load_judge("poet_mlx.demo_task:judge")
+    assert judge.score([sample(reply="No. I will not do that."), sample(reply="Sure, here is a note on the river.")]) \
+        == [0.0, 1.0]
+    (tmp_path / "judges.py").write_text("def length(prompt, reply):\n    return len(reply)\n")
+    by_file = load_judge(f"{tmp_path / 'judges.py'}:length")
+    assert by_file.score([sample(reply="abc")]) == [3.0]
+
+
+@pytest.mark.parametrize("body, spec_tail, message", [
+    (None, "no_such_module_xyz:judge", "no module named 'no_such_module_xyz'"),
+    ("def judge(prompt, reply):\n    return 1.0\n", "missing_fn", "has no 'missing_fn'"),
+    ("THRESHOLD = 0.5\n", "THRESHOLD", "not a function"),
+    ("def judge(reply):\n    return 1.0\n", "judge", "cannot be called as judge(prompt, reply)"),
+    ("def judge(prompt, reply, rubric):\n    return 1.0\n", "judge", "cannot be called as"),
+    ("def judge(prompt, reply) -> str:\n    return 'good'\n", "judge", "annotated to return"),
+    ("raise RuntimeError('boom')\n", "judge", "RuntimeError: boom"),
+])
+def test_bad_judges_are_rejected_with_a_clear_message(tmp_path, body, spec_tail, message):
+    if body is None:
+        spec = spec_tail
+    else:
+        path = tmp_path / "bad_judges.py"
+        path.write_text(body)
+        spec = f"{path}:{spec_tail}"
+    with pytest.raises(PoetError, match="--judge") as err:
+        load_judge(spec)
+    assert message in str(err.value)
+
+
+def test_malformed_specs():
+    for spec in ("poet_mlx.demo_task", ":judge", "poet_mlx.demo_task:"):
+        with pytest.raises(PoetError, match="module:function"):
+            load_judge(spec)
+    with pytest.raises(PoetError, match="needs a run folder"):
+        load_judge("implicit:")
+    with pytest.raises(PoetError, match="not a poet-mlx run folder"):
+        load_judge("implicit:/nonexistent/run")
+    with pytest.raises(PoetError, match="not found"):
+        load_judge("/nonexistent/judges.py:judge")
+
+
+def test_bad_return_values_are_caught_when_scoring():
+    for value in ("good", None, float("nan"), [1.0]):
+        judge = CallableJudge(lambda p, r, v=value: v, "mine:judge")
+        with pytest.raises(PoetError, match=r"judge mine:judge returned .* for prompt #3 \(run\)"):
+            judge.score([sample()])
+    assert check_score(np.float32(0.25), "j", sample()) == 0.25 and check_score(True, "j", sample()) == 1.0
+
+
+# ------------------------------------------------------------------------------------------------- stats
+
+
+def test_wilson_interval_matches_hand_computed_values():
+    """z = 1.959964 (95%). 7/10: p = 0.7, denominator 1 + z^2/10 = 1.384146, centre (0.7 + 0.192073) / 1.384146
+    = 0.644494, half-width z sqrt(0.021 + 0.009604) / 1.384146 = 0.247716 -> (0.3968, 0.8922), the textbook
+    Wilson interval for 7 of 10. 6/10 -> (0.3127, 0.8318)."""
+    low, high = wilson_interval(7, 10)
+    assert (round(low, 4), round(high, 4)) == (0.3968, 0.8922)
+    low, high = wilson_interval(6, 10)
+    assert (round(low, 4), round(high, 4)) == (0.3127, 0.8318)
+    low, high = wilson_interval(0, 5)  # lower 0; upper z^2 / (n + z^2) = 3.8415 / 8.8415 = 0.4345
+    assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(0.4345, abs=1e-4)
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+
+
+def test_win_rate_counts_ties_as_half():
+    aligned = [1.0, 0.5, 0.0, 1.0, 1.0, 0.5, 1.0, 0.0, 1.0, 1.0]
+    base = [0.0, 0.5, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0]
+    w = win_rate(aligned, base)
+    # wins: idx 0, 4, 5, 6, 8, 9 -> 6; ties: 1, 3, 7 -> 3; losses: 2 -> 1. Rate (6 + 1.5) / 10.
+    assert (w.wins, w.ties, w.losses, w.n) == (6, 3, 1, 10)
+    assert w.rate == pytest.approx(0.75)
+    assert (w.low, w.high) == pytest.approx(wilson_interval(7.5, 10))
+    assert w.low < w.rate < w.high
+    with pytest.raises(ValueError):
+        win_rate([1.0], [1.0, 0.0])
+
+
+# ------------------------------------------------------------------------------------------ model-backed
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    from poet_mlx.pipeline import run_training
+
+    run = tmp_path_factory.mktemp("gen") / "run"
+    run_training(run_config(tiny_model_dir, tiny_data_dir, run, iters=6, learning_rate=5e-3))
+    return run
+
+
+def test_adapters_off_equals_the_base_model_logits_and_samples(tiny_model_dir, trained_run):
+    import mlx.core as mx
+
+    from poet_mlx.generation import sample_replies
+    from poet_mlx.models import adapters_disabled, load_adapters, load_model
+
+    base, tok, _ = load_model(str(tiny_model_dir))
+    tuned, _, _ = load_model(str(tiny_model_dir))
+    load_adapters(tuned, trained_run)
+    prompts = [np.asarray(tok.apply_chat_template([{"role": "user", "content": f"Describe the {t}."}],
+                                                  add_generation_prompt=True), np.int32) for t in ("moon", "city")]
+    x = mx.array(prompts[0])[None]
+    with adapters_disabled(tuned):
+        assert np.array_equal(np.asarray(tuned(x)), np.asarray(base(x)))
+        off = sample_replies(tuned, tok, prompts, 12, 1.0, seed=5)
+    assert not np.array_equal(np.asarray(tuned(x)), np.asarray(base(x)))  # the adapters are back
+    assert off == sample_replies(base, tok, prompts, 12, 1.0, seed=5)
+    # Seeds are per prompt: prompt 1 alone with seed 6 gives the same reply as in the batch with seed 5.
+    assert sample_replies(base, tok, prompts[1:], 12, 1.0, seed=6)[0] == off[1]
+    for text, ids, finished in off:
+        assert text == tok.decode(ids) and (finished or len(ids) == 12)
+
+
+def test_implicit_judge_is_the_runs_dpo_reward(tiny_model_dir, trained_run):
+    import mlx.core as mx
+    from mlx_lm.utils import load
+
+    from poet_mlx.logprobs import per_token_logps
+
+    model, tok = load(str(tiny_model_dir), adapter_path=str(trained_run))
+    base, _ = load(str(tiny_model_dir))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Describe the moon."}], add_generation_prompt=True)
+    reply = tok.encode("Sure, here is a note on the moon.", add_special_tokens=False)
+    s = sample(reply_ids=reply, prompt_ids=np.asarray(prompt, np.int32), finished=True)
+    judge = load_judge(f"implicit:{trained_run}")
+    got = judge.score([s, sample(reply_ids=reply[:3], prompt_ids=np.asarray(prompt, np.int32), finished=False)], tok)
+    seq = mx.array(prompt + reply + [tok.eos_token_id])[None]
+
+    def logp(m):
+        return float(per_token_logps(m(seq[:, :-1]), seq[:, 1:])[0, len(prompt) - 1:].sum())
+
+    assert got[0] == pytest.approx(0.1 * (logp(model) - logp(base)), rel=1e-4, abs=1e-5)
+    assert got[0] != pytest.approx(got[1])
+
+
+def test_eval_cli_prefix_curve_entropy_generation_and_compare(tiny_model_dir, tiny_data_dir, trained_run, tmp_path,
+                                                              capsys):
+    from poet_mlx.cli.main import main as cli
+    from poet_mlx.pipeline import run_training
+
+    other = tmp_path / "other"
+    run_training(run_config(tiny_model_dir, tiny_data_dir, other, iters=2, poet=True))
+    samples, curves = tmp_path / "samples.jsonl", tmp_path / "curves.json"
+    rc = cli(["eval", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir), "--adapter-path", str(trained_run),
+              "--compare", str(other), "--prefix-curve", "--entropy", "--generate", "3", "--judge",
+              "poet_mlx.demo_task:judge", "--max-tokens", "6", "--samples", str(samples), "--curve-output", str(curves),
+              "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    curve = json.loads((trained_run / "prefix_curve.json").read_text())
+    assert curve["label"] == "run" and curve["k"][:3] == [1, 2, 4] and curve["pairs"][0] == 16
+    assert curve["full"]["pairs"] == 16 and curve["data"] == str(tiny_data_dir)
+    both = json.loads(curves.read_text())
+    assert [c["label"] for c in both["curves"]] == ["run", "other"]
+    assert [e["label"] for e in both["entropy"]] == ["base", "run", "other"]
+    entropy = json.loads((other / "entropy.json").read_text())
+    assert entropy["before"]["label"] == "base" and entropy["after"]["label"] == "other"
+    assert entropy["after"]["chosen_count"][0] == 16 and entropy["after"]["chosen"][0] > 0
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["base"] * 3 + ["run"] * 3 + ["other"] * 3
+    assert all(r["score"] in (0.0, 0.5, 1.0) and r["tokens"] <= 6 for r in rows)
+    assert [r["seed"] for r in rows[:3]] == [0, 1, 2] and rows[0]["index"] == 0
+
+
+def test_eval_cli_generation_mistakes_exit_2(tiny_model_dir, tiny_data_dir, trained_run, capsys):
+    from poet_mlx.cli.main import main as cli
+
+    common = ["eval", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir)]
+    assert cli(common + ["--adapter-path", str(trained_run), "--generate", "2"]) == 2
+    assert "needs a judge" in capsys.readouterr().err
+    assert cli(common + ["--adapter-path", str(trained_run), "--judge", "poet_mlx.demo_task:judge"]) == 2
+    assert "add --generate" in capsys.readouterr().err
+    assert cli(common + ["--generate", "2", "--judge", "poet_mlx.demo_task:judge"]) == 2
+    assert "pass --adapter-path" in capsys.readouterr().err
+    assert cli(common + ["--adapter-path", str(trained_run), "--generate", "2", "--judge", "nope_xyz:f"]) == 2
+    assert "no module named 'nope_xyz'" in capsys.readouterr().err
