@@ -15,6 +15,7 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -63,11 +64,16 @@ def main(argv=None) -> int:
     p.add_argument("--peer-python", help="Python of a venv with mlx-lm-lora (default: $POET_BENCH_PEER_PYTHON, "
                    "then benchmarks/.peer-venv)")
     p.add_argument("--setup-peer", action="store_true", help="install mlx-lm-lora into benchmarks/.peer-venv and exit")
+    p.add_argument("--peer-reference-blas", type=int, default=0, metavar="STEPS",
+                   help="also compare with mlx-lm-lora with both on MLX's reference BLAS, for STEPS steps (slow: "
+                   "~15 s a step)")
     args = p.parse_args(argv)
     if args.setup_peer:
         return setup_peer()
 
     plan = sections.Plan.quick() if args.quick else sections.Plan.full()
+    if args.peer_reference_blas:
+        plan = dataclasses.replace(plan, peer_reference_blas_steps=args.peer_reference_blas)
     work = Path(args.work)
     results = {"plan": "quick" if args.quick else "full", "machine": machine(), "sections": {}}
     tic = time.perf_counter()

@@ -7,7 +7,6 @@ the compile cache belong to that case alone; the result is one JSON line on stdo
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import poet_mlx  # noqa: F401  (first: OpenBLAS for MLX's CPU matmuls, unless POET_MLX_BLAS=reference)
 
+from benchmarks.report import max_rss_gb
 from poet_mlx.reporting import Reporter
 
 RESULT_TAG = "BENCH_RESULT "
@@ -101,7 +101,7 @@ def run_case(spec: dict) -> dict:
         "reference_s": ref,
         "peak_train_gb": mx.get_peak_memory() / 1e9,
         "peak_before_train_gb": rep.peak_before_train,
-        "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "max_rss_gb": max_rss_gb(),
         "total_params": h.get("total_params"),
         "trainable_params": h.get("trainable_params"),
         "response_tokens_per_pair": h.get("response_tokens_per_pair"),

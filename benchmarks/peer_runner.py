@@ -13,7 +13,6 @@ The result is one JSON line after RESULT_TAG; the peak memory is MLX's, reset ju
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -23,9 +22,10 @@ RESULT_TAG = "BENCH_RESULT "
 
 def main() -> int:
     spec = json.loads(sys.argv[1])
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     if spec.get("blas", True):
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         import poet_mlx  # noqa: F401  (OpenBLAS before mlx.core, as in poet-mlx)
+    from benchmarks.report import max_rss_gb
     import mlx.core as mx
 
     info = mx.device_info
@@ -70,7 +70,7 @@ def main() -> int:
         "losses": [r["train_loss"] for r in timer.reports],
         "peak_train_gb": mx.get_peak_memory() / 1e9,
         "peak_first_step_gb": timer.reports[0]["peak_memory"] if timer.reports else None,
-        "max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "max_rss_gb": max_rss_gb(),
     }
     print(RESULT_TAG + json.dumps(out), flush=True)
     return 0

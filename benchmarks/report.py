@@ -33,3 +33,20 @@ def table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]], not
 
 def ratio(a, b):
     return a / b if a is not None and b else None
+
+
+def max_rss_gb() -> float:
+    """Peak resident memory of this process in GB: Linux's VmHWM (reset by exec, unlike ru_maxrss, which a
+    child inherits from the parent that forked it), else ru_maxrss."""
+    import resource
+    import sys
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9

@@ -28,8 +28,8 @@ TOKENIZER_DATA = workloads.DataSpec()
 class Plan:
     """How much to run: `full()` (~10 minutes on 2 cores) or `quick()` (~1-2 minutes)."""
 
-    tiny_steps: int = 12
-    mid_steps: int = 6
+    tiny_steps: int = 10
+    mid_steps: int = 5
     qwen_steps: int = 3
     qwen_layers: int = 24
     qwen_cases: tuple = ("dpo", "simpo+poet")
@@ -37,17 +37,18 @@ class Plan:
     tiny_cases: tuple = ("dpo", "dpo+poet", "simpo", "simpo+poet")
     models: tuple = ("tiny-7.6M", "llama-25M", "qwen2.5-0.5b-4bit")
     peer_rounds: int = 2
-    peer_steps: int = 10
-    peer_reference_blas_steps: int = 4
-    variant_steps: int = 6
+    peer_steps: int = 8
+    peer_reference_blas_steps: int = 0
+    variant_steps: int = 5
+    variant_pairs: int = 32
     variants: tuple = ("ours", "two_forwards", "second_model", "peer_like", "naive_logprobs", "random_batches",
                        "grad_checkpoint", "response_head", "response_head+grad_checkpoint")
     vocab_sizes: tuple = (32768, 65536, 131072, 262144)
     loss_rows: int = 4
-    loss_positions: int = 128
+    loss_positions: int = 64
     blas_shapes: tuple = ((256, 256, 256, False), (512, 512, 512, False), (1024, 1024, 1024, False),
                           (2048, 256, 1024, True), (2048, 1024, 256, True), (2048, 256, 7168, True))
-    blas_step_steps: int = 4
+    blas_step_steps: int = 3
 
     @classmethod
     def full(cls) -> "Plan":
@@ -233,7 +234,7 @@ def section_peer(work: Path, plan: Plan, python: Optional[str]) -> tuple[dict, s
 
 def section_variants(work: Path, plan: Plan) -> tuple[list, str]:
     batch, max_length, lora_layers = MODEL_SETTINGS["tiny-7.6M"]
-    model_dir, data_dir = prepare(work, "tiny-7.6M", 64)
+    model_dir, data_dir = prepare(work, "tiny-7.6M", plan.variant_pairs)
     results, rows = [], []
     base = None
     for variant in plan.variants:
@@ -286,7 +287,9 @@ def section_blas(work: Path, plan: Plan) -> tuple[dict, str]:
     """Matmul GFLOP/s with and without OpenBLAS (fresh processes), numpy's rate, and the training step."""
     spec = {"shapes": [list(s) for s in plan.blas_shapes], "numpy": True, "quant_shapes": [list(q) for q in QUANT_SHAPES]}
     fast = run_child("blasbench", spec)
-    ref = run_child("blasbench", {**spec, "numpy": False, "quant_shapes": []}, {"POET_MLX_BLAS": "reference"})
+    # The reference BLAS runs at ~3 GFLOP/s: one timed call per shape is plenty.
+    ref = run_child("blasbench", {**spec, "numpy": False, "quant_shapes": [], "budget_s": 0.0},
+                    {"POET_MLX_BLAS": "reference"})
     out = {"openblas": fast, "reference": ref}
     rows = []
     for f, r in zip(fast.get("table", []), ref.get("table", [])):
@@ -306,17 +309,17 @@ def section_blas(work: Path, plan: Plan) -> tuple[dict, str]:
         steps = {}
         for label, env in (("OpenBLAS", {}), ("OpenBLAS, 2 threads", {"POET_MLX_BLAS_THREADS": "2"}),
                            ("reference BLAS", {"POET_MLX_BLAS": "reference"})):
-            cfg = train_config(model_dir, data_dir, work / "runs" / "blas", "dpo", plan.blas_step_steps, batch,
+            cfg = train_config(model_dir, data_dir, work / "runs" / "blas", "simpo", plan.blas_step_steps, batch,
                                max_length, lora_layers)
             steps[label] = run_ours(work, cfg, env)
         out["steps"] = steps
         ok = {k: v for k, v in steps.items() if "error" not in v}
         base = ok.get("OpenBLAS")
         text += "\n" + table(
-            "DPO step on tiny-7.6M by BLAS setting",
-            ["BLAS", "step s", "x OpenBLAS", "ref pass s", "model GFLOP/s"],
-            [[k, v["step_s"], ratio(v["step_s"], base["step_s"]) if base else None, v["reference_s"],
-              step_gflops(v)] for k, v in ok.items()],
+            "SimPO step on tiny-7.6M (batch 4, max length 256) by BLAS setting",
+            ["BLAS", "step s", "x OpenBLAS", "model GFLOP/s"],
+            [[k, v["step_s"], ratio(v["step_s"], base["step_s"]) if base else None, step_gflops(v)]
+             for k, v in ok.items()],
             "model GFLOP/s: matmul FLOPs of the step (forward + input-gradient backward through the frozen "
             "weights, LoRA ignored) / step time.")
     return out, text

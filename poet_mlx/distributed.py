@@ -17,7 +17,7 @@ from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .errors import PoetError
 
@@ -61,10 +61,21 @@ def all_sum(x: mx.array, world: World) -> mx.array:
 
 
 def weighted_average_tree(tree, weight: float, world: World):
-    """sum_r weight_r * tree_r over ranks, where the weights sum to 1 (each rank's share of the pairs)."""
+    """sum_r weight_r * tree_r over ranks, where the weights sum to 1 (each rank's share of the pairs).
+
+    All leaves travel in one flat float32 buffer: one all-reduce per call instead of one per leaf (a LoRA
+    model has hundreds of leaves, and each ring all-reduce pays a network round trip).
+    """
     if not world.distributed:
         return tree
-    return tree_map(lambda g: all_sum(g * weight, world), tree)
+    leaves = tree_flatten(tree)
+    flat = mx.concatenate([v.astype(mx.float32).reshape(-1) * weight for _, v in leaves])
+    flat = all_sum(flat, world)
+    out, start = [], 0
+    for key, v in leaves:
+        out.append((key, flat[start : start + v.size].reshape(v.shape).astype(v.dtype)))
+        start += v.size
+    return tree_unflatten(out)
 
 
 def broadcast_tree(tree, world: World):

@@ -1,11 +1,12 @@
 """Quantized layers on MLX's CPU backend (Linux): dequantize, then one float32 GEMM on OpenBLAS.
 
-On the CPU backend `mx.quantized_matmul` runs a scalar kernel: measured here at 0.3 GFLOP/s with bfloat16
-inputs and 2 GFLOP/s with float32, against ~40-60 GFLOP/s for a float32 GEMM on OpenBLAS (`poet_mlx.blas`).
-Dequantizing a weight costs O(out * in), the GEMM O(tokens * out * in), so for any training batch it is far
-cheaper to expand the 4-bit weight to float32 on the fly and multiply. The expanded weight is transient: the
-backward pass expands it again (a custom VJP) instead of keeping it, so memory stays that of the 4-bit model
-plus one layer's float32 weight at a time.
+On the CPU backend `mx.quantized_matmul` runs a scalar kernel: measured on 2 cores at 0.3 GFLOP/s with
+bfloat16 inputs and 2 GFLOP/s with float32, where a float32 GEMM on OpenBLAS (`poet_mlx.blas`) runs at ~95.
+Dequantizing a weight costs O(out * in), the GEMM O(tokens * out * in), so for a training batch it is far
+cheaper to expand the 4-bit weight to float32 on the fly and multiply (9-40x here; `benchmarks/bench.py`).
+The expanded weight is transient: the backward pass expands it again (a custom VJP) instead of keeping it, so
+memory stays that of the 4-bit model plus one block of float32 weights at a time. (For one-token generation
+steps the gain is small: expanding then costs as much as the product.)
 
 Outputs are float32 whatever the input dtype: MLX's CPU backend has no fast bfloat16 GEMM either, so keeping
 the activations in float32 is both faster and more precise there. Nothing changes on Metal (macOS), where

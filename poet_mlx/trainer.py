@@ -166,9 +166,11 @@ class Trainer:
             g, mvec = weighted_average_tree((g, mvec), weight, self.world)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             sums = mvec if sums is None else sums + mvec
-            counts = np.array([b.real_tokens, b.scored_tokens], np.int64) * (weight > 0)
-            tokens_here, scored_here = self._global_counts(counts)
-            tokens, scored, pairs = tokens + tokens_here, scored + scored_here, pairs + len(idx)
+            # Counted from the layouts of the whole micro-batch, which every rank knows: no communication.
+            lays = [self.train_set.layouts[i] for i in idx]
+            tokens += sum(lay.tokens for lay in lays)
+            scored += sum(lay.score_chosen + lay.score_rejected for lay in lays)
+            pairs += len(idx)
             self.state.micro += 1
         if accum > 1:
             grads = tree_map(lambda x: x / accum, grads)
@@ -194,11 +196,6 @@ class Trainer:
             return idx, 1.0
         local = shard(idx, self.world)
         return (local, len(local) / len(idx)) if local else (idx[:1], 0.0)
-
-    def _global_counts(self, counts: np.ndarray) -> tuple[int, int]:
-        if self.world.distributed:
-            counts = np.asarray(all_sum(mx.array(counts.astype(np.int32)), self.world))
-        return int(counts[0]), int(counts[1])
 
     def _stop_requested(self) -> bool:
         """Any rank's stop request stops every rank at the same step (else the others would hang)."""
