@@ -67,6 +67,7 @@ def test_training_case_measures_steps_memory_and_reference(tiny_model_dir, tiny_
     assert r["response_tokens_per_s"] < r["tokens_per_s"]
 
 
+@pytest.mark.slow
 def test_variants_baselines_give_the_same_loss(tiny_model_dir, tiny_data_dir):
     """The "before" designs rebuilt in the benchmark compute the same objective as the library's step."""
     base = {"model": str(tiny_model_dir), "data": str(tiny_data_dir), "loss": "dpo", "poet": False, "steps": 2,
