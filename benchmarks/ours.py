@@ -10,7 +10,6 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import poet_mlx  # noqa: F401  (first: OpenBLAS for MLX's CPU matmuls, unless POET_MLX_BLAS=reference)
 
