@@ -9,14 +9,14 @@ numpy's own OpenBLAS (its wheel bundles one, with its default threads) stands fo
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
 
 import poet_mlx  # noqa: F401  (first: OpenBLAS before mlx.core, unless POET_MLX_BLAS=reference)
 
-RESULT_TAG = "BENCH_RESULT "
+from benchmarks.report import child_main
+
 
 
 def _rate(fn, flops: float, budget_s: float) -> float:
@@ -73,9 +73,7 @@ def _quant_row(m: int, k: int, n: int, dtype: str, budget_s: float) -> dict:
 
 
 def main(argv=None) -> int:
-    spec = json.loads((argv or sys.argv[1:])[0])
-    print(RESULT_TAG + json.dumps(run(spec)), flush=True)
-    return 0
+    return child_main(run, argv)
 
 
 if __name__ == "__main__":

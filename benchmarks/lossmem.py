@@ -9,13 +9,13 @@ training step; the gradient itself is an (N, T, V) array in the logits' dtype an
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 import poet_mlx  # noqa: F401  (first: OpenBLAS before mlx.core)
 
-RESULT_TAG = "BENCH_RESULT "
+from benchmarks.report import child_main
+
 
 
 def _measure(fn, logits, targets, backward: bool) -> tuple[float, float]:
@@ -72,9 +72,7 @@ def run(spec: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    spec = json.loads((argv or sys.argv[1:])[0])
-    print(RESULT_TAG + json.dumps(run(spec)), flush=True)
-    return 0
+    return child_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -6,17 +6,15 @@ the compile cache belong to that case alone; the result is one JSON line on stdo
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
 
 import poet_mlx  # noqa: F401  (first: OpenBLAS for MLX's CPU matmuls, unless POET_MLX_BLAS=reference)
 
-from benchmarks.report import max_rss_gb
+from benchmarks.report import child_main, max_rss_gb
 from poet_mlx.reporting import Reporter
 
-RESULT_TAG = "BENCH_RESULT "
 
 
 class TimingReporter(Reporter):
@@ -116,10 +114,7 @@ def run_case(spec: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    spec = json.loads((argv or sys.argv[1:])[0])
-    result = run_case(spec)
-    print(RESULT_TAG + json.dumps(result), flush=True)
-    return 0
+    return child_main(run_case, argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+import json
+import sys
+from typing import Any, Callable, Iterable, Sequence
+
+RESULT_TAG = "BENCH_RESULT "
+"""Prefix of the one JSON line a benchmark child process prints with its result (read by sections.run_child)."""
+
+
+def child_main(run: Callable[[dict], dict], argv=None) -> int:
+    """Entry point of a benchmark child process: run(spec) on the JSON spec in argv[0], print the result."""
+    spec = json.loads((argv or sys.argv[1:])[0])
+    print(RESULT_TAG + json.dumps(run(spec)), flush=True)
+    return 0
 
 
 def fmt(value: Any, digits: int = 3) -> str:

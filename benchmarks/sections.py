@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 from benchmarks import workloads
-from benchmarks.report import ratio, table
+from benchmarks.report import RESULT_TAG, ratio, table
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULT_TAG = "BENCH_RESULT "
 TOKENIZER_DATA = workloads.DataSpec()
 """The texts every model's tokenizer is trained on (whatever slice of them a section trains on)."""
 

@@ -19,7 +19,6 @@ AdamW update with clipping. The result line reports steady-state step time, MLX 
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,8 @@ from functools import partial
 
 import poet_mlx  # noqa: F401  (first: OpenBLAS before mlx.core)
 
-RESULT_TAG = "BENCH_RESULT "
+from benchmarks.report import child_main
+
 VARIANTS = ("ours", "two_forwards", "second_model", "peer_like", "naive_logprobs", "random_batches",
             "grad_checkpoint", "response_head")
 PACK_MULTIPLE = 128
@@ -220,9 +220,7 @@ def run_variant(spec: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    spec = json.loads((argv or sys.argv[1:])[0])
-    print(RESULT_TAG + json.dumps(run_variant(spec)), flush=True)
-    return 0
+    return child_main(run_variant, argv)
 
 
 if __name__ == "__main__":
