@@ -180,3 +180,21 @@ def test_adapters_disabled_gives_the_base_model_exactly(tiny_model_dir, tiny_dat
     assert np.array_equal(off, np.asarray(base(x)))
     assert not np.allclose(with_adapters, off)
     assert np.array_equal(np.asarray(tuned(x)), with_adapters)  # restored
+
+
+def test_ref_model_scores_the_reference(tiny_model_dir, tiny_data_dir, tmp_path):
+    """--ref-model: the reference log-probs come from that model (here the same tokenizer, other weights)."""
+    from poet_mlx import demo_task, tiny
+
+    other = tiny.save_tiny_model(tmp_path / "other", texts=demo_task.corpus_texts(0), seed=1)
+    run_training(run_config(tiny_model_dir, tiny_data_dir, tmp_path / "self", iters=1, steps_per_eval=1))
+    run_training(run_config(tiny_model_dir, tiny_data_dir, tmp_path / "ref", iters=1, steps_per_eval=1,
+                            ref_model=str(other)))
+    own = [r for r in read_metrics(tmp_path / "self") if "eval_loss" in r][0]
+    ref = [r for r in read_metrics(tmp_path / "ref") if "eval_loss" in r][0]
+    assert own["step"] == ref["step"] == 0
+    # The policy is the same base model in both runs; only the reference differs.
+    assert ref["eval_logps/chosen"] == pytest.approx(own["eval_logps/chosen"], rel=1e-5)
+    assert ref["eval_ref_logps/chosen"] != pytest.approx(own["eval_ref_logps/chosen"], rel=1e-3)
+    assert own["eval_loss"] == pytest.approx(np.log(2), abs=1e-4)  # policy == reference at step 0
+    assert abs(ref["eval_loss"] - np.log(2)) > 1e-3
