@@ -10,7 +10,7 @@ from poet_mlx import __version__
 COMMANDS = {
     "train": ("poet_mlx.cli.train", "Align a model with DPO/SimPO (+POET) through LoRA adapters."),
     "eval": ("poet_mlx.cli.evaluate", "Held-out preference metrics of a model, with or without adapters."),
-    "demo": ("poet_mlx.cli.demo", "Offline built-in demo: tiny model, synthetic task, DPO+POET."),
+    "demo": ("poet_mlx.cli.demo", "Offline built-in demo: tiny model, synthetic task, DPO vs DPO+POET side by side."),
     "data": ("poet_mlx.cli.data", "Preflight a preference dataset: `poet-mlx data check DATA`."),
     "report": ("poet_mlx.cli.report", "Charts of a run (terminal and HTML), runs compared."),
     "fuse": ("poet_mlx.cli.fuse", "Fuse adapters into a standalone model (optionally dequantized for HF)."),
