@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -117,11 +117,14 @@ def gather_ragged(local: dict[int, tuple[np.ndarray, np.ndarray]], lengths: Sequ
             for i in range(len(lengths))]
 
 
-def check_same_everywhere(label: str, fingerprint: str, world: World) -> None:
-    """Raise on every rank, naming the odd ones out, when ranks disagree on `fingerprint`."""
+def check_same_everywhere(label: str, fingerprint: Callable[[], str], world: World) -> None:
+    """Raise on every rank, naming the odd ones out, when ranks disagree on `fingerprint()`.
+
+    The fingerprint is a callable so a single process never pays for it (hashing every token id).
+    """
     if not world.distributed:
         return
-    digest = np.frombuffer(hashlib.sha256(fingerprint.encode()).digest()[:8], dtype=np.uint8).astype(np.int32)
+    digest = np.frombuffer(hashlib.sha256(fingerprint().encode()).digest()[:8], dtype=np.uint8).astype(np.int32)
     table = np.zeros((world.size, digest.size), np.int32)
     table[world.rank] = digest
     table = np.asarray(all_sum(mx.array(table), world))

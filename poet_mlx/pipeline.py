@@ -169,7 +169,7 @@ def run_training(cfg: RunConfig, reporter: Reporter | None = None,
     objective = Objective.from_config(cfg.loss)
     train = tokenize_split(cfg, *rows["train"], tokenizer, "train", reporter)
     valid = tokenize_split(cfg, *rows["valid"], tokenizer, "valid", reporter) if rows["valid"] else None
-    check_same_everywhere("settings and data", json.dumps(cfg.to_flat(), sort_keys=True)
+    check_same_everywhere("settings and data", lambda: json.dumps(cfg.to_flat(), sort_keys=True)
                           + pairs_digest(train.pairs) + (pairs_digest(valid.pairs) if valid else ""), world)
     mx.random.seed(t.seed)
     lora = cfg.lora
