@@ -40,8 +40,8 @@ class Plan:
     peer_reference_blas_steps: int = 0
     variant_steps: int = 5
     variant_pairs: int = 32
-    variants: tuple = ("ours", "two_forwards", "second_model", "peer_like", "naive_logprobs", "random_batches",
-                       "grad_checkpoint", "response_head")
+    variants: tuple = ("ours", "full_head", "one_group", "plain", "two_forwards", "second_model", "peer_like",
+                       "naive_logprobs", "random_batches", "grad_checkpoint", "plain+grad_checkpoint")
     vocab_sizes: tuple = (32768, 65536, 131072, 262144)
     loss_rows: int = 4
     loss_positions: int = 64
@@ -251,14 +251,16 @@ def section_variants(work: Path, plan: Plan) -> tuple[list, str]:
         base = r if variant == "ours" else base
         rows.append([variant, r["step_s"], ratio(r["step_s"], base["step_s"]) if base else None, r["peak_gb"],
                      ratio(r["peak_gb"], base["peak_gb"]) if base else None, r["epoch_padding_fraction"],
-                     r["distinct_widths"], r["final_loss"]])
+                     r["distinct_shapes"], r["final_loss"]])
     text = table(
         "Each speed decision against the design it replaced (DPO, tiny-7.6M, batch 4, same batches)",
         ["variant", "step s", "x ours", "peak GB", "x ours", "padding", "shapes", "loss"],
         rows,
-        "two_forwards: chosen and rejected apart; second_model: reference scored by a 2nd model every step; "
-        "peer_like: both (4 forwards);\nnaive_logprobs: full log_softmax; random_batches: no length bucketing; "
-        "grad_checkpoint: layers recomputed in backward. padding: share of the (2B, L) arrays over one epoch.")
+        "full_head: logits at every fed position; one_group: one (2B, L) array; plain: both (the spine's design);\n"
+        "two_forwards: plain, chosen and rejected apart; second_model: plain, reference scored by a 2nd model every "
+        "step; peer_like: both (4 forwards);\nnaive_logprobs: full log_softmax; random_batches: no length "
+        "bucketing; grad_checkpoint: layers recomputed in backward.\npadding: share of the fed token arrays that is "
+        "padding, over one epoch; shapes: distinct compiled input shapes.")
     return results, text
 
 

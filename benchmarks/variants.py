@@ -1,18 +1,20 @@
 """Before/after for each speed decision, on the same batches: poet-mlx's training step against the designs it
 replaced, rebuilt here as baselines because the library no longer has them.
 
-Variants (one fresh process each, `python -m benchmarks.variants '<json spec>'`):
-- `ours`: one forward over [chosen; rejected], cached reference log-probs, chunked log-probs, length-bucketed
-  batches (the library's `batch_objective` and `epoch_batches`).
-- `two_forwards`: chosen and rejected in two separate forwards.
-- `second_model`: a second copy of the model in memory scores the reference in every step.
+A variant is one flag or several joined by "+" (one fresh process each, `python -m benchmarks.variants
+'<json spec>'`):
+- `ours`: the library's step: rows fed in length-sorted groups (`batching.make_feed`), the output head only at
+  the response positions (`head.output_head`), cached reference log-probs, log-probs without a log-softmax
+  copy, length-bucketed batches (`batching.epoch_batches`).
+- `full_head`: logits at every position of the fed arrays (prompts and padding included), then a gather.
+- `one_group`: all 2B rows in one (2B, L) array, padded to the longest.
+- `plain`: both of the above: the spine's design, one forward over [chosen; rejected] with full logits.
+- `two_forwards`: `plain`, with chosen and rejected in two separate forwards.
+- `second_model`: `plain`, with a second copy of the model scoring the reference in every step.
 - `peer_like`: both of the above, i.e. four forwards per step (mlx-lm-lora's DPO design).
-- `naive_logprobs`: `log_softmax` over the whole (2B, T, V) logits, then a gather.
+- `naive_logprobs`: `log_softmax` over the whole logits, then a gather.
 - `random_batches`: random batches (no length bucketing).
-- `grad_checkpoint`: `ours` with every layer recomputed in the backward pass.
-- `response_head` (a candidate, not in the library): the output projection and log-softmax only at the
-  response positions, gathered into a packed (R, D) array (R rounded up to 128), instead of at every position
-  of the padded (2B, L) batch; prompts and padding never reach the vocabulary.
+- `grad_checkpoint`: every layer recomputed in the backward pass.
 The step is compiled like the trainer's (model, optimizer and random state as compile state) and does the
 AdamW update with clipping. The result line reports steady-state step time, MLX peak memory and padding.
 """
@@ -28,39 +30,20 @@ import poet_mlx  # noqa: F401  (first: OpenBLAS before mlx.core)
 
 from benchmarks.report import child_main
 
-VARIANTS = ("ours", "two_forwards", "second_model", "peer_like", "naive_logprobs", "random_batches",
-            "grad_checkpoint", "response_head")
-PACK_MULTIPLE = 128
-
-_PACKED: dict = {}
-"""response_head: the traced (idx, valid) of the step being traced, read by `response_head_token_logps`."""
+VARIANTS = ("ours", "full_head", "one_group", "plain", "two_forwards", "second_model", "peer_like",
+            "naive_logprobs", "random_batches", "grad_checkpoint")
+IMPLIES = {"plain": {"full_head", "one_group"}, "two_forwards": {"plain"}, "second_model": {"plain"},
+           "peer_like": {"two_forwards", "second_model"}}
 
 
-def response_positions(starts, keep_lens, width: int):
-    """Flat indices into the (2B, width) target grid of every response target, padded with index 0 (weight 0)
-    to a multiple of PACK_MULTIPLE. Returns (idx (R,) int32, valid (R,) float32)."""
-    import numpy as np
-
-    idx = np.concatenate([r * width + np.arange(s, s + n) for r, (s, n) in enumerate(zip(starts, keep_lens))])
-    size = -(-len(idx) // PACK_MULTIPLE) * PACK_MULTIPLE
-    valid = np.zeros(size, np.float32)
-    valid[: len(idx)] = 1
-    return np.pad(idx, (0, size - len(idx))).astype(np.int32), valid
-
-
-def response_head_token_logps(model, tokens):
-    """(2B, L) -> (2B, L-1) log-probs, computed only at the packed response positions (zeros elsewhere)."""
-    import mlx.core as mx
-
-    from poet_mlx.logprobs import per_token_logps
-
-    idx, valid = _PACKED["idx"], _PACKED["valid"]
-    h = model.model(tokens[:, :-1])  # (2B, L-1, D)
-    n, t1, d = h.shape
-    hs = h.reshape(n * t1, d)[idx]  # (R, D)
-    head = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens.as_linear
-    logps = per_token_logps(head(hs)[None], tokens[:, 1:].reshape(-1)[idx][None])[0] * valid  # (R,)
-    return mx.zeros((n * t1,), mx.float32).at[idx].add(logps).reshape(n, t1)
+def flags_of(variant: str) -> set:
+    """The variant's flags with everything they imply (e.g. peer_like -> two_forwards, plain, full_head...)."""
+    flags = set(variant.split("+"))
+    while True:
+        more = set().union(*(IMPLIES.get(f, set()) for f in flags)) - flags
+        if not more:
+            return flags
+        flags |= more
 
 
 def naive_token_logps(logits, targets, chunk_elements=None):
@@ -115,36 +98,28 @@ def _prepare(spec: dict):
     return model, path, pairs, layouts, ref, objective, pad_id
 
 
-def _loss_fn(spec, objective, path):
-    """The objective for this variant, as f(model, tokens, starts, score_lens, keep_lens, ref)."""
+def _loss_fn(flags: set, objective, path, head):
+    """The objective for this variant, as f(model, *objective.batch_inputs(batch))."""
     import mlx.core as mx
 
     from poet_mlx import objective as obj_mod
-    from poet_mlx.logprobs import sequence_logps
     from poet_mlx.models import load_model
 
-    v = set(spec["variant"].split("+"))
-    if "response_head" in v:
-        obj_mod.model_token_logps = response_head_token_logps
-
-        def packed(model, tokens, starts, score_lens, keep_lens, ref, idx, valid):
-            _PACKED.update(idx=idx, valid=valid)
-            return obj_mod.batch_objective(model, tokens, starts, score_lens, keep_lens, ref, objective)
-
-        return packed
-    if "naive_logprobs" in v:
+    if "naive_logprobs" in flags:
         obj_mod.per_token_logps = naive_token_logps
-    if v & {"two_forwards", "peer_like"}:
+    if "two_forwards" in flags:
         obj_mod.model_token_logps = partial(two_forward_token_logps, _one=obj_mod.model_token_logps)
-    if not v & {"second_model", "peer_like"} or not objective.needs_reference:
-        return partial(obj_mod.batch_objective, objective=objective)
+    if "second_model" not in flags or not objective.needs_reference:
+        return partial(obj_mod.batch_objective, objective=objective, head=head)
     ref_model, _, _ = load_model(str(path))
     ref_model.freeze()
     ref_model.eval()
 
-    def with_reference_model(model, tokens, starts, score_lens, keep_lens, _ref):
-        ref = mx.stop_gradient(sequence_logps(obj_mod.model_token_logps(ref_model, tokens), starts, score_lens))
-        return obj_mod.batch_objective(model, tokens, starts, score_lens, keep_lens, ref, objective)
+    def with_reference_model(model, groups, positions, rows, offsets, score_lens, keep_lens, _ref):
+        ref_tokens = obj_mod.response_token_logps(ref_model, groups, positions)
+        ref = mx.stop_gradient(obj_mod.row_sums(ref_tokens, rows, offsets, score_lens))
+        return obj_mod.batch_objective(model, groups, positions, rows, offsets, score_lens, keep_lens, ref,
+                                       objective, head)
 
     return with_reference_model
 
@@ -155,14 +130,18 @@ def run_variant(spec: dict) -> dict:
     import mlx.optimizers as optim
     import numpy as np
 
-    from poet_mlx.batching import epoch_batches, make_batch, padding_fraction
+    from poet_mlx.batching import epoch_batches, make_batch, make_feed, padding_fraction
+    from poet_mlx.head import output_head
     from poet_mlx.models import enable_grad_checkpoint
+    from poet_mlx.objective import batch_inputs
 
     model, path, pairs, layouts, ref, objective, pad_id = _prepare(spec)
-    flags = set(spec["variant"].split("+"))
+    flags = flags_of(spec["variant"])
     if "grad_checkpoint" in flags:
         enable_grad_checkpoint(model)
-    loss_fn = _loss_fn(spec, objective, path)
+    head = None if "full_head" in flags else output_head(model)
+    split = "one_group" not in flags
+    loss_fn = _loss_fn(flags, objective, path, head)
     lengths = [lay.tokens for lay in layouts]
     bs = spec["batch_size"]
     if "random_batches" in flags:
@@ -170,7 +149,7 @@ def run_variant(spec: dict) -> dict:
     else:
         batches = epoch_batches(lengths, bs, spec.get("seed", 0), 0)
     # Padding over a whole epoch (cheap: no model), then the first `steps` batches are trained.
-    epoch_padding = float(np.mean([padding_fraction(make_batch(pairs, idx, layouts, pad_id=pad_id))
+    epoch_padding = float(np.mean([padding_fraction(make_batch(pairs, idx, layouts, pad_id=pad_id), split)
                                    for idx in batches]))
     batches = (batches * (1 + spec["steps"] // max(1, len(batches))))[: spec["steps"]]
 
@@ -179,30 +158,26 @@ def run_variant(spec: dict) -> dict:
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(tokens, starts, score_lens, keep_lens, ref_logps, *packed):
-        (loss, _), grads = loss_and_grad(model, tokens, starts, score_lens, keep_lens, ref_logps, *packed)
+    def step(*inputs):
+        (loss, _), grads = loss_and_grad(model, *inputs)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(model, grads)
         return loss
 
     model.train()
-    times, pads, tokens_fed, widths = [], [], [], set()
+    times, pads, tokens_fed, shapes = [], [], [], set()
     for i, idx in enumerate(batches):
         tic = time.perf_counter()
         b = make_batch(pairs, idx, layouts, ref, pad_id=pad_id)
-        r = b.ref_logps if b.ref_logps is not None else np.zeros(len(b.starts), np.float32)
-        packed = ()
-        if "response_head" in flags:
-            packed = tuple(mx.array(a) for a in response_positions(b.starts, b.keep_lens, b.tokens.shape[1] - 1))
-        loss = step(mx.array(b.tokens), mx.array(b.starts), mx.array(b.score_lens), mx.array(b.keep_lens),
-                    mx.array(r), *packed)
+        inputs = batch_inputs(b, split=split)
+        loss = step(*inputs)
         mx.eval(loss, model.state, optimizer.state)
         times.append(time.perf_counter() - tic)
         if i == 0:
             mx.reset_peak_memory()  # the steady-state peak: after the first trace and compile
-        pads.append(padding_fraction(b))
-        tokens_fed.append(b.tokens.size)
-        widths.add(b.tokens.shape[1])
+        pads.append(padding_fraction(b, split))
+        tokens_fed.append(make_feed(b, split=split).fed_tokens)
+        shapes.add(tuple(g.shape for g in inputs[0]) + (inputs[1].shape,))
     steady = times[1:] or times
     return {
         "variant": spec["variant"],
@@ -214,7 +189,8 @@ def run_variant(spec: dict) -> dict:
         "padding_fraction": float(np.mean(pads)),
         "epoch_padding_fraction": epoch_padding,
         "padded_tokens_per_step": float(np.mean(tokens_fed)),
-        "distinct_widths": len(widths),
+        "distinct_shapes": len(shapes),
+        "head_at_responses": head is not None,
         "final_loss": float(loss.item()),
     }
 

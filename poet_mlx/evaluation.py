@@ -9,12 +9,17 @@ import numpy as np
 
 from .batching import sequential_batches
 from .distributed import World, all_sum
-from .objective import Objective, batch_objective
+from .head import output_head
+from .objective import Objective, batch_inputs, batch_objective
 
 
 def evaluate(model, pair_set, objective: Objective, batch_size: int, pad_id: int = 0,
-             progress: Optional[Callable[[int, int], None]] = None, world: World | None = None) -> tuple[dict, dict]:
+             progress: Optional[Callable[[int, int], None]] = None, world: World | None = None,
+             head="auto") -> tuple[dict, dict]:
     """Score every pair of `pair_set` (a trainer.PairSet) with the model in eval mode.
+
+    `head` is the model's verified output head (`head.output_head`), None for the full forward, or "auto"
+    to probe for it here.
 
     In a distributed run each rank scores every size-th batch and the per-pair columns are summed across
     ranks, so every rank returns the full result.
@@ -25,6 +30,8 @@ def evaluate(model, pair_set, objective: Objective, batch_size: int, pad_id: int
     """
     world = world or World()
     model.eval()
+    if head == "auto":
+        head = output_head(model)
     n = len(pair_set)
     per_pair: dict[str, np.ndarray] = {}
     lengths = [lay.tokens for lay in pair_set.layouts]
@@ -37,10 +44,7 @@ def evaluate(model, pair_set, objective: Objective, batch_size: int, pad_id: int
         n_real = len(mine)
     done = 0
     for j, idx in enumerate(mine):
-        b = pair_set.batch(idx, pad_id)
-        ref = b.ref_logps if b.ref_logps is not None else np.zeros(len(b.starts), np.float32)
-        _, metrics = batch_objective(model, mx.array(b.tokens), mx.array(b.starts), mx.array(b.score_lens),
-                                     mx.array(b.keep_lens), mx.array(ref), objective)
+        _, metrics = batch_objective(model, *batch_inputs(pair_set.batch(idx, pad_id)), objective, head)
         mx.eval(metrics)
         for name, values in metrics.items():
             column = per_pair.setdefault(name, np.zeros(n, np.float64))

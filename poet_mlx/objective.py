@@ -1,6 +1,10 @@
-"""The training objective on one batch: one forward over [chosen; rejected], then the preference loss.
+"""The training objective on one batch: a forward over [chosen; rejected], then the preference loss.
 
 Kept apart from the trainer so that training, evaluation and tests share exactly one definition.
+
+The forward runs the model's trunk on the batch's row groups (`batching.Feed`), gathers the hidden states of
+the response positions into one packed (R, D) array and applies the output head there only (`head.py`); with
+no verified head it computes the full logits and gathers the log-probs instead (same numbers, more work).
 """
 
 from __future__ import annotations
@@ -9,8 +13,11 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+import numpy as np
+
+from .batching import PairBatch, make_feed
 from .config import LossConfig
-from .logprobs import per_token_logps, sequence_logps
+from .logprobs import per_token_logps
 from .losses import PairLogps, pair_metrics, preference_loss, sft_nll
 
 
@@ -44,20 +51,65 @@ def model_token_logps(model, tokens: mx.array) -> mx.array:
     return per_token_logps(logits, tokens[:, 1:])
 
 
-def batch_objective(model, tokens, starts, score_lens, keep_lens, ref_logps, objective: Objective):
+def response_token_logps(model, groups, positions, head=None) -> mx.array:
+    """Log-probs of the packed response targets.
+
+    Args:
+        groups: tuple of (n_g, L_g) int32 token arrays (`batching.Feed.groups`).
+        positions: (R,) int32 flat indices into the groups' concatenated (n_g, L_g - 1) target grids.
+        head: the model's verified output head (`head.output_head`), or None for the full forward.
+
+    Returns:
+        (R,) float32.
+    """
+    targets = mx.concatenate([g[:, 1:].reshape(-1) for g in groups])[positions]  # (R,)
+    if head is None:
+        return mx.concatenate([model_token_logps(model, g).reshape(-1) for g in groups])[positions]
+    hidden = [model.model(g[:, :-1]) for g in groups]  # (n_g, L_g - 1, D) each
+    packed = mx.concatenate([h.reshape(-1, h.shape[-1]) for h in hidden])[positions]  # (R, D)
+    return per_token_logps(head(packed)[None], targets[None])[0]
+
+
+def row_sums(values: mx.array, rows: mx.array, offsets: mx.array, lengths: mx.array) -> mx.array:
+    """Per-row sums of packed values over each row's first lengths[i] response tokens.
+
+    Args:
+        values, rows, offsets: (R,) packed values, their row (-1 = padding) and place in the response.
+        lengths: (N,) int32 tokens summed per row.
+
+    Returns:
+        (N,) float32.
+    """
+    n = lengths.shape[0]
+    inside = (rows[None, :] == mx.arange(n)[:, None]) & (offsets[None, :] < lengths[:, None])  # (N, R)
+    return mx.where(inside, values[None, :], 0.0).sum(axis=1)
+
+
+def batch_inputs(batch: PairBatch, split: bool = True) -> tuple:
+    """The arrays `batch_objective` takes after the model: (groups, positions, rows, offsets, score_lens,
+    keep_lens, ref_logps), as MLX arrays; ref_logps are zeros when the batch has none (SimPO)."""
+    feed = make_feed(batch, split=split)
+    ref = batch.ref_logps if batch.ref_logps is not None else np.zeros(len(batch.starts), np.float32)
+    return (tuple(mx.array(g) for g in feed.groups), mx.array(feed.positions), mx.array(feed.rows),
+            mx.array(feed.offsets), mx.array(batch.score_lens), mx.array(batch.keep_lens), mx.array(ref))
+
+
+def batch_objective(model, groups, positions, rows, offsets, score_lens, keep_lens, ref_logps,
+                    objective: Objective, head=None):
     """Loss and per-pair metrics for one batch.
 
     Args:
-        tokens: (2B, L) int32, chosen rows then rejected rows.
-        starts, score_lens, keep_lens: (2B,) int32 (see `batching.PairBatch`).
+        groups, positions, rows, offsets: the batch's `batching.Feed` (see `batch_inputs`).
+        score_lens, keep_lens: (2B,) int32 (see `batching.PairBatch`), chosen rows then rejected rows.
         ref_logps: (2B,) float32 reference sums over the scored tokens (ignored by SimPO).
+        head: the verified output head (`head.output_head(model)`), or None for the full forward.
 
     Returns:
         (scalar mean loss, dict of (B,) per-pair metrics with TRL names).
     """
-    token_logps = model_token_logps(model, tokens)  # (2B, L-1)
-    logps = sequence_logps(token_logps, starts, score_lens)  # (2B,)
-    b = tokens.shape[0] // 2
+    token_logps = response_token_logps(model, groups, positions, head)  # (R,)
+    logps = row_sums(token_logps, rows, offsets, score_lens)  # (2B,)
+    b = score_lens.shape[0] // 2
     counts = score_lens.astype(mx.float32)
     pairs = PairLogps(
         policy_chosen=logps[:b],
@@ -72,7 +124,7 @@ def batch_objective(model, tokens, starts, score_lens, keep_lens, ref_logps, obj
     )
     metrics = pair_metrics(pairs, losses, chosen_rewards, rejected_rewards)
     if objective.needs_full_chosen:
-        full = sequence_logps(token_logps[:b], starts[:b], keep_lens[:b])
+        full = row_sums(token_logps, rows, offsets, keep_lens)[:b]
         nll = sft_nll(full, keep_lens[:b].astype(mx.float32))
         metrics["sft_nll"] = nll
         losses = losses + objective.sft_weight * nll

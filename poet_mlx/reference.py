@@ -79,26 +79,31 @@ def compute_token_logps(model, pairs: Sequence[TokenizedPair], batch_size: int, 
     """Per-token log-probs of every full response under `model` (no gradient, eval mode)."""
     import mlx.core as mx
 
-    from .objective import model_token_logps
+    from .batching import make_feed
+    from .head import output_head
+    from .objective import response_token_logps
 
+    head = output_head(model)
     layouts = [layout(p, poet=False) for p in pairs]
     lengths = [lay.tokens for lay in layouts]
     out: list = [None] * len(pairs)
     done = 0
     for idx in sequential_batches(lengths, batch_size):
-        batch = make_batch(pairs, idx, layouts, pad_id=pad_id)
-        logps = np.asarray(model_token_logps(model, mx.array(batch.tokens)).astype(mx.float32))
-        b = len(idx)
+        feed = make_feed(make_batch(pairs, idx, layouts, pad_id=pad_id))
+        packed = response_token_logps(model, tuple(mx.array(g) for g in feed.groups), mx.array(feed.positions), head)
+        per_row = split_rows(np.asarray(packed.astype(mx.float32)), feed.rows, 2 * len(idx))
         for j, i in enumerate(idx):
-            rows = []
-            for r in (j, j + b):
-                s, n = batch.starts[r], batch.keep_lens[r]
-                rows.append(logps[r, s : s + n].copy())
-            out[i] = tuple(rows)
-        done += b
+            out[i] = (per_row[j], per_row[j + len(idx)])
+        done += len(idx)
         if progress:
             progress(done, len(pairs))
     return out
+
+
+def split_rows(packed: np.ndarray, rows: np.ndarray, n_rows: int) -> list[np.ndarray]:
+    """Packed per-position values -> one array per row, in response order (a Feed lists each row's
+    positions contiguously and in order; entries of row -1 are padding)."""
+    return [packed[rows == r].copy() for r in range(n_rows)]
 
 
 def reference_token_logps(model, model_path, pairs, batch_size, pad_id=0, progress=None,

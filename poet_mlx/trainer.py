@@ -27,7 +27,8 @@ from .errors import PoetError
 from .evaluation import evaluate
 from .health import LearningWatch
 from .models import ADAPTER_CONFIG, ADAPTER_FILE, enable_grad_checkpoint, save_adapters, trainable_weights
-from .objective import Objective, batch_objective
+from .head import output_head
+from .objective import Objective, batch_inputs, batch_objective
 from .optimization import build_optimizer, total_steps, tree_norm
 from .reference import TokenLogps
 from .reporting import Reporter
@@ -88,6 +89,7 @@ class Trainer:
         self.world = world or World()
         if cfg.grad_checkpoint:
             enable_grad_checkpoint(model)
+        self.head = output_head(model)
         self.train_set, self.valid_set = train, valid
         self.run, self.adapter_cfg = Path(run), adapter_cfg
         self.reporter = reporter or Reporter()
@@ -118,13 +120,13 @@ class Trainer:
     # -- compiled pieces --------------------------------------------------------------------------------
     def _compile(self):
         objective, model, optimizer = self.objective, self.model, self.optimizer
-        loss_and_grad = nn.value_and_grad(model, partial(batch_objective, objective=objective))
+        loss_and_grad = nn.value_and_grad(model, partial(batch_objective, objective=objective, head=self.head))
         names = self._metric_names()
         grad_state = [model.state, mx.random.state]
 
         @partial(mx.compile, inputs=grad_state, outputs=grad_state)
-        def grad_step(tokens, starts, score_lens, keep_lens, ref):
-            (loss, metrics), grads = loss_and_grad(model, tokens, starts, score_lens, keep_lens, ref)
+        def grad_step(*inputs):  # the arrays of `objective.batch_inputs`
+            (loss, metrics), grads = loss_and_grad(model, *inputs)
             return loss, mx.stack([metrics[n].mean() for n in names]), grads
 
         update_state = [model.state, optimizer.state]
@@ -159,10 +161,7 @@ class Trainer:
             # Dropout draws from a key fixed by (seed, micro-batch), so a resumed run replays them exactly.
             mx.random.seed(self.cfg.seed * 1_000_003 + self.state.micro)
             local, weight = self._local_share(idx)
-            b = self.train_set.batch(local, self.pad_id)
-            ref = b.ref_logps if b.ref_logps is not None else np.zeros(len(b.starts), np.float32)
-            loss, mvec, g = grad_step(mx.array(b.tokens), mx.array(b.starts), mx.array(b.score_lens),
-                                      mx.array(b.keep_lens), mx.array(ref))
+            loss, mvec, g = grad_step(*batch_inputs(self.train_set.batch(local, self.pad_id)))
             g, mvec = weighted_average_tree((g, mvec), weight, self.world)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             sums = mvec if sums is None else sums + mvec
@@ -333,7 +332,8 @@ class Trainer:
     def _validate(self, log: MetricsLog) -> None:
         self.reporter.phase("validation", 0, len(self.valid_set))
         means, _ = evaluate(self.model, self.valid_set, self.objective, self.cfg.batch_size, self.pad_id,
-                            progress=lambda d, t: self.reporter.phase("validation", d, t), world=self.world)
+                            progress=lambda d, t: self.reporter.phase("validation", d, t), world=self.world,
+                            head=self.head)
         self.model.train()
         record = {"step": self.state.step, **{f"eval_{k}": v for k, v in means.items()}}
         self.state.last_eval = record

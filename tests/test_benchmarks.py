@@ -74,7 +74,7 @@ def test_variants_baselines_give_the_same_loss(tiny_model_dir, tiny_data_dir):
             "batch_size": 4, "max_length": 96, "max_prompt_length": 32, "num_layers": 2}
     from concurrent.futures import ThreadPoolExecutor
 
-    variants = ("ours", "peer_like+naive_logprobs", "response_head")
+    variants = ("ours", "peer_like+naive_logprobs", "full_head+grad_checkpoint")
     with ThreadPoolExecutor(len(variants)) as pool:  # child processes: use both cores
         results = list(pool.map(lambda v: sections.run_child("variants", {**base, "variant": v}), variants))
     losses = {}

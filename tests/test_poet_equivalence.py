@@ -24,7 +24,8 @@ except ImportError:
     import reference_numpy as ref
 
 from poet_mlx.batching import layout, make_batch
-from poet_mlx.objective import Objective, batch_objective, model_token_logps
+from poet_mlx.head import output_head
+from poet_mlx.objective import Objective, batch_inputs, batch_objective, model_token_logps
 from poet_mlx.poet import truncate_pair
 from poet_mlx.tokenization import TokenizedPair
 
@@ -93,9 +94,7 @@ def run_batch(model, pairs, layouts, ref_token_logps=None, loss="dpo"):
     for start in range(0, len(pairs), 4):
         idx = list(range(start, min(start + 4, len(pairs))))
         b = make_batch(pairs, idx, layouts, ref_token_logps, pad_id=PAD_ID)
-        refs = b.ref_logps if b.ref_logps is not None else np.zeros(len(b.starts), np.float32)
-        _, m = batch_objective(model, mx.array(b.tokens), mx.array(b.starts), mx.array(b.score_lens),
-                               mx.array(b.keep_lens), mx.array(refs), Objective(loss, beta=BETA))
+        _, m = batch_objective(model, *batch_inputs(b), Objective(loss, beta=BETA), output_head(model))
         mx.eval(m)
         for k, v in m.items():
             metrics.setdefault(k, []).extend(np.asarray(v, dtype=np.float64).tolist())

@@ -1,0 +1,73 @@
+"""The model split into its trunk and its output head, so the vocabulary is only computed where it is scored.
+
+A preference step needs next-token log-probs at the response positions only; prompts and padding (0.5 of the
+(2B, L) token array on the benchmark's data) never need the (.., V) logits. mlx-lm's causal LMs compute
+`logits = head(model.model(tokens))`, with `head` the `lm_head` or the tied `embed_tokens.as_linear`. Some
+architectures do more (Gemma 2's logit soft-capping, Cohere's logit scale, ...), so the split is trusted only
+after a probe: the split forward must reproduce the model's own logits on a few tokens. Anything else (an
+unknown wrapper, a model whose trunk wants other arguments) falls back to the full forward, which is always
+correct, only slower.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+PROBE_TOKENS = 8
+PROBE_RTOL = 1e-4
+"""Tolerance of the probe, relative to the largest logit: the two paths run the same kernels, so they
+normally agree bit for bit; a soft-capped or rescaled head misses by orders of magnitude more."""
+
+Head = Callable[[mx.array], mx.array]
+"""(M, D) hidden states -> (M, V) logits."""
+
+
+def _candidate(model) -> Optional[Head]:
+    trunk = getattr(model, "model", None)
+    if trunk is None or not callable(trunk):
+        return None
+    head = getattr(model, "lm_head", None)
+    if head is not None and callable(head):
+        return head
+    embed = getattr(trunk, "embed_tokens", None)
+    if embed is not None and hasattr(embed, "as_linear"):
+        return embed.as_linear
+    return None
+
+
+def output_head(model) -> Optional[Head]:
+    """The model's output head if `model(x) == head(model.model(x))`, checked on a short probe; else None.
+
+    The probe runs in eval mode (dropout off) and restores the previous mode.
+    """
+    head = _candidate(model)
+    if head is None:
+        return None
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        vocab = _vocab_size(model, head)
+        probe = (mx.arange(PROBE_TOKENS, dtype=mx.int32) * 7919 % max(1, vocab))[None]  # (1, PROBE_TOKENS)
+        full = model(probe).astype(mx.float32)
+        split = head(model.model(probe)).astype(mx.float32)
+        if full.shape != split.shape:
+            return None
+        scale = max(float(mx.abs(full).max().item()), 1e-6)
+        agree = float(mx.abs(full - split).max().item()) <= PROBE_RTOL * scale
+    except Exception:  # any architecture the split does not fit uses the full forward
+        return None
+    finally:
+        model.train(was_training)
+    return head if agree else None
+
+
+def _vocab_size(model, head) -> int:
+    args = getattr(model, "args", None)
+    vocab = getattr(args, "vocab_size", None)
+    if vocab:
+        return int(vocab)
+    embed = getattr(model.model, "embed_tokens", None)
+    weight = getattr(embed, "weight", None)
+    return int(weight.shape[0]) if weight is not None else 2
