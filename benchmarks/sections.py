@@ -206,8 +206,11 @@ def section_peer(work: Path, plan: Plan, python: Optional[str]) -> tuple[dict, s
         theirs = run_child("peer", {"blas": blas, "args": peer_args(model_dir, data_dir, work / "runs" / "peer", steps,
                                                                      batch, max_length, lora_layers)},
                            python=python, script=ROOT / "benchmarks" / "peer_runner.py")
-        if blas:  # the memory-lean setting, measured in the same alternation
+        if blas:  # the memory-lean settings (same pairs per optimizer step), measured in the same alternation
             ours["ours, grad_checkpoint"] = run_ours(work, {**cfg, "grad_checkpoint": True}, env)
+            if batch % 2 == 0:
+                ours[f"ours, batch {batch // 2} x 2 accumulated"] = run_ours(
+                    work, {**cfg, "batch_size": batch // 2, "grad_accumulation_steps": 2}, env)
         results.append({"blas": label, "steps": steps, "theirs": theirs, **ours})
         for name, r in ours.items():
             if "error" in r or "error" in theirs:
