@@ -48,7 +48,8 @@ class TimingReporter(Reporter):
 
 
 def summarize_steps(steps: list[dict], batch_size: int) -> dict:
-    """Steady-state figures from per-step metrics: the first step (trace + compile) is reported apart."""
+    """Steady-state figures from per-step metrics: the first step (trace + compile) is reported apart.
+    `batch_size` counts the pairs of one optimizer step (micro-batch x accumulation steps)."""
     times = [s["step_seconds"] for s in steps]
     steady = steps[1:] or steps
     t = [s["step_seconds"] for s in steady]
@@ -109,7 +110,7 @@ def run_case(spec: dict) -> dict:
         "step_times": [s["step_seconds"] for s in rep.steps],
         "summary_steps": summary["steps"],
     }
-    out.update(summarize_steps(rep.steps, cfg.train.batch_size))
+    out.update(summarize_steps(rep.steps, cfg.train.batch_size * cfg.train.grad_accumulation_steps))
     return out
 
 

@@ -26,7 +26,8 @@ residuals, LoRA intermediates); a rough count, so the estimate is good to a fact
 ACTIVATIONS_PER_FFN = 4
 """Values of width `intermediate_size` kept per token (gate, up, activation, product)."""
 LOGIT_COPIES = 3
-"""(2B, T, V) float32 arrays alive at the peak of the loss: logits, their gradient, one temporary."""
+"""(R, V) float32 arrays alive at the peak of the loss (R: the batch's response tokens; the head runs there
+only): logits, their gradient, one temporary."""
 OPTIMIZER_SLOTS = {"adamw": 2, "adam": 2, "sgd": 0, "adafactor": 1, "lion": 1, "muon": 1}
 FIT_FRACTION = 0.9
 """Warn when the estimate passes this share of the machine's memory (the OS and other programs need some)."""
@@ -48,7 +49,7 @@ class MemoryEstimate:
 
 def estimate_memory(weight_bytes: int, trainable_params: int, dims: dict, batch_size: int, seq_len: int,
                     grad_checkpoint: bool = False, optimizer: str = "adamw", accumulation: int = 1,
-                    act_bytes: int = 2) -> MemoryEstimate:
+                    act_bytes: int = 2, response_len: Optional[int] = None) -> MemoryEstimate:
     """A rough peak-memory estimate of one training step.
 
     Args:
@@ -59,6 +60,7 @@ def estimate_memory(weight_bytes: int, trainable_params: int, dims: dict, batch_
         batch_size: pairs per micro-batch B; a forward holds 2B sequences (chosen and rejected).
         seq_len: the longest padded sequence length T of the data.
         act_bytes: bytes per activation value (2 for bf16/fp16 models, 4 for float32).
+        response_len: the longest response kept, in tokens (default seq_len): logits exist only there.
     """
     rows, t = 2 * batch_size, seq_len
     hidden, layers = dims["hidden_size"], dims["num_hidden_layers"]
@@ -70,7 +72,8 @@ def estimate_memory(weight_bytes: int, trainable_params: int, dims: dict, batch_
         activations = rows * t * layers * per_layer_token
     slots = 2 + OPTIMIZER_SLOTS.get(optimizer, 2) + (1 if accumulation > 1 else 0)
     return MemoryEstimate(weights=int(weight_bytes), trainable=int(trainable_params) * 4 * slots,
-                          activations=int(activations), logits=int(rows * t * vocab * 4 * LOGIT_COPIES))
+                          activations=int(activations),
+                          logits=int(rows * (response_len or t) * vocab * 4 * LOGIT_COPIES))
 
 
 def total_memory() -> Optional[int]:
@@ -124,9 +127,10 @@ def estimate_run_memory(model, model_path, cfg: RunConfig, train_set) -> Optiona
     act_bytes = floats.most_common(1)[0][0] if floats else 2  # the dtype most weights use
     longest = max(lay.prompt_len + max(lay.keep_chosen, lay.keep_rejected) for lay in train_set.layouts)
     seq_len = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    response_len = max(max(lay.keep_chosen, lay.keep_rejected) for lay in train_set.layouts)
     t = cfg.train
     est = estimate_memory(weight_bytes, trainable, dims, t.batch_size, seq_len, t.grad_checkpoint, t.optimizer,
-                          t.grad_accumulation_steps, act_bytes)
+                          t.grad_accumulation_steps, act_bytes, response_len)
     return est, seq_len
 
 

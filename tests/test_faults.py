@@ -438,6 +438,8 @@ def test_memory_estimate_scales_as_documented():
     assert two.activations == 2 * one.activations and two.logits == 2 * one.logits
     assert one.logits == 2 * 512 * 151936 * 4 * LOGIT_COPIES
     assert one.trainable == 10**6 * 4 * 4  # value, gradient and AdamW's two slots, float32
+    short = estimate_memory(5e8, 10**6, dims, batch_size=1, seq_len=512, response_len=128)
+    assert short.logits == one.logits // 4, "logits only at the response positions"
     ckpt_est = estimate_memory(5e8, 10**6, dims, batch_size=1, seq_len=512, grad_checkpoint=True)
     assert ckpt_est.activations < one.activations / 4
     assert one.total == one.weights + one.trainable + one.activations + one.logits

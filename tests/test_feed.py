@@ -66,12 +66,10 @@ def test_packed_size_rounds_up_with_bounded_waste():
     assert len(set(sizes)) < 40, "few distinct sizes, so compiled steps are reused"
 
 
-def test_row_groups_split_only_when_it_saves_padding():
-    # Padded to 32: one group 4 x 224 = 896 tokens; halves 2 x 32 + 2 x 224 = 512.
-    groups = row_groups(np.array([10, 200, 12, 190]), 32)
-    assert [g.tolist() for g in groups] == [[0, 2], [3, 1]]
-    assert [g.tolist() for g in row_groups(np.array([100, 110, 105, 120]), 32)] == [[0, 2, 1, 3]]
-    assert [g.tolist() for g in row_groups(np.array([7]), 32)] == [[0]]
+def test_row_groups_are_length_sorted_halves():
+    assert [g.tolist() for g in row_groups(np.array([10, 200, 12, 190]))] == [[0, 2], [3, 1]]
+    assert [g.tolist() for g in row_groups(np.array([100, 110, 105, 120, 99]))] == [[4, 0], [2, 1, 3]]
+    assert [g.tolist() for g in row_groups(np.array([7]))] == [[0]]
 
 
 def test_feed_positions_point_at_each_response_token():
@@ -79,7 +77,7 @@ def test_feed_positions_point_at_each_response_token():
     layouts = [layout(p, poet=False) for p in pairs]
     batch = make_batch(pairs, [0, 1, 2, 3], layouts, pad_id=0)
     feed = make_feed(batch)
-    assert len(feed.groups) == 2, "chosen ~10 tokens, rejected ~50: split"
+    assert [g.shape[1] for g in feed.groups] == [32, 96], "chosen ~10 tokens, rejected 30-70: padded apart"
     targets = np.concatenate([g[:, 1:].reshape(-1) for g in feed.groups])
     n_rows = len(batch.starts)
     for r in range(n_rows):
@@ -176,3 +174,12 @@ def test_row_sums_by_hand():
     offsets = mx.array([0, 1, 2, 0, 1, 0])
     np.testing.assert_array_equal(np.array(row_sums(values, rows, offsets, mx.array([2, 5]))), [3.0, 24.0])
     np.testing.assert_array_equal(np.array(row_sums(values, rows, offsets, mx.array([0, 1]))), [0.0, 8.0])
+
+
+def test_loaded_models_use_the_head_path(tiny_model_dir, tiny_quant_model_dir):
+    """Both test models (float32, and 4-bit with Linux's fast_quant layers) pass the probe as loaded."""
+    from poet_mlx.models import load_model
+
+    for path in (tiny_model_dir, tiny_quant_model_dir):
+        model, _, _ = load_model(str(path))
+        assert output_head(model) is model.lm_head, path
