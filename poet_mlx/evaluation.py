@@ -10,7 +10,7 @@ import numpy as np
 from .batching import sequential_batches
 from .distributed import World, all_sum
 from .head import output_head
-from .objective import Objective, batch_inputs, batch_objective
+from .objective import Objective, batch_inputs, batch_objective, splits_rows
 
 
 def evaluate(model, pair_set, objective: Objective, batch_size: int, pad_id: int = 0,
@@ -32,6 +32,7 @@ def evaluate(model, pair_set, objective: Objective, batch_size: int, pad_id: int
     model.eval()
     if head == "auto":
         head = output_head(model)
+    split = splits_rows(model)
     n = len(pair_set)
     per_pair: dict[str, np.ndarray] = {}
     lengths = [lay.tokens for lay in pair_set.layouts]
@@ -44,7 +45,7 @@ def evaluate(model, pair_set, objective: Objective, batch_size: int, pad_id: int
         n_real = len(mine)
     done = 0
     for j, idx in enumerate(mine):
-        _, metrics = batch_objective(model, *batch_inputs(pair_set.batch(idx, pad_id)), objective, head)
+        _, metrics = batch_objective(model, *batch_inputs(pair_set.batch(idx, pad_id), split), objective, head)
         mx.eval(metrics)
         for name, values in metrics.items():
             column = per_pair.setdefault(name, np.zeros(n, np.float64))

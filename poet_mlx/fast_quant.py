@@ -110,6 +110,12 @@ def _fast_class(base: type) -> type:
     return type(f"Fast{base.__name__}", (base,), body)
 
 
+def expands_weights(model) -> bool:
+    """True when some layer of `model` goes through `dequantized_matmul`, i.e. every call of the model
+    expands its quantized weights again."""
+    return any(getattr(m, "_poet_fast_quant", False) for _, m in model.named_modules())
+
+
 def accelerate_quantized(model) -> int:
     """Route this model's affine-quantized Linear layers (and a tied quantized embedding's output
     projection) through `dequantized_matmul`. Returns how many layers changed; 0 where `wanted()` is False.

@@ -85,6 +85,15 @@ def row_sums(values: mx.array, rows: mx.array, offsets: mx.array, lengths: mx.ar
     return mx.where(inside, values[None, :], 0.0).sum(axis=1)
 
 
+def splits_rows(model) -> bool:
+    """Whether to feed a batch's rows in two halves (`batching.row_groups`): yes, except for a model whose
+    layers expand their 4-bit weights on every call (`fast_quant`, Linux CPU), where a second forward
+    means a second expansion of every weight (Qwen2.5-0.5B shapes, batch 1: 10.0 s per step split, 7.9 s not)."""
+    from .fast_quant import expands_weights
+
+    return not expands_weights(model)
+
+
 def batch_inputs(batch: PairBatch, split: bool = True) -> tuple:
     """The arrays `batch_objective` takes after the model: (groups, positions, rows, offsets, score_lens,
     keep_lens, ref_logps), as MLX arrays; ref_logps are zeros when the batch has none (SimPO)."""

@@ -81,15 +81,15 @@ def compute_token_logps(model, pairs: Sequence[TokenizedPair], batch_size: int, 
 
     from .batching import make_feed
     from .head import output_head
-    from .objective import response_token_logps
+    from .objective import response_token_logps, splits_rows
 
-    head = output_head(model)
+    head, split = output_head(model), splits_rows(model)
     layouts = [layout(p, poet=False) for p in pairs]
     lengths = [lay.tokens for lay in layouts]
     out: list = [None] * len(pairs)
     done = 0
     for idx in sequential_batches(lengths, batch_size):
-        feed = make_feed(make_batch(pairs, idx, layouts, pad_id=pad_id))
+        feed = make_feed(make_batch(pairs, idx, layouts, pad_id=pad_id), split=split)
         packed = response_token_logps(model, tuple(mx.array(g) for g in feed.groups), mx.array(feed.positions), head)
         per_row = split_rows(np.asarray(packed.astype(mx.float32)), feed.rows, 2 * len(idx))
         for j, i in enumerate(idx):

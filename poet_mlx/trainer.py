@@ -28,7 +28,7 @@ from .evaluation import evaluate
 from .health import LearningWatch
 from .models import ADAPTER_CONFIG, ADAPTER_FILE, enable_grad_checkpoint, save_adapters, trainable_weights
 from .head import output_head
-from .objective import Objective, batch_inputs, batch_objective
+from .objective import Objective, batch_inputs, batch_objective, splits_rows
 from .optimization import build_optimizer, total_steps, tree_norm
 from .reference import TokenLogps
 from .reporting import Reporter
@@ -89,7 +89,7 @@ class Trainer:
         self.world = world or World()
         if cfg.grad_checkpoint:
             enable_grad_checkpoint(model)
-        self.head = output_head(model)
+        self.head, self.split = output_head(model), splits_rows(model)
         self.train_set, self.valid_set = train, valid
         self.run, self.adapter_cfg = Path(run), adapter_cfg
         self.reporter = reporter or Reporter()
@@ -161,7 +161,7 @@ class Trainer:
             # Dropout draws from a key fixed by (seed, micro-batch), so a resumed run replays them exactly.
             mx.random.seed(self.cfg.seed * 1_000_003 + self.state.micro)
             local, weight = self._local_share(idx)
-            loss, mvec, g = grad_step(*batch_inputs(self.train_set.batch(local, self.pad_id)))
+            loss, mvec, g = grad_step(*batch_inputs(self.train_set.batch(local, self.pad_id), self.split))
             g, mvec = weighted_average_tree((g, mvec), weight, self.world)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             sums = mvec if sums is None else sums + mvec

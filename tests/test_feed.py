@@ -177,9 +177,13 @@ def test_row_sums_by_hand():
 
 
 def test_loaded_models_use_the_head_path(tiny_model_dir, tiny_quant_model_dir):
-    """Both test models (float32, and 4-bit with Linux's fast_quant layers) pass the probe as loaded."""
+    """Both test models (float32, and 4-bit with Linux's fast_quant layers) pass the probe as loaded; rows are
+    split in halves except where every forward re-expands 4-bit weights (fast_quant, Linux CPU)."""
+    from poet_mlx import fast_quant
     from poet_mlx.models import load_model
+    from poet_mlx.objective import splits_rows
 
-    for path in (tiny_model_dir, tiny_quant_model_dir):
+    for path, quantized in ((tiny_model_dir, False), (tiny_quant_model_dir, True)):
         model, _, _ = load_model(str(path))
         assert output_head(model) is model.lm_head, path
+        assert splits_rows(model) == (not (quantized and fast_quant.wanted())), path

@@ -126,6 +126,20 @@ def test_grad_checkpoint_gives_the_same_losses(tiny_model_dir, tiny_data_dir, tm
     np.testing.assert_allclose(train_losses(tmp_path / "ckpt"), train_losses(tmp_path / "plain"), rtol=1e-5)
 
 
+def test_grad_checkpoint_wraps_every_layer_but_the_last(tiny_model_dir):
+    import mlx.core as mx
+
+    from poet_mlx.models import enable_grad_checkpoint, load_model
+
+    model, _, _ = load_model(str(tiny_model_dir))
+    x = mx.array([[5, 9, 13, 2]])
+    before = np.array(model(x))
+    enable_grad_checkpoint(model)
+    wrapped = [getattr(type(layer), "_poet_checkpointed", False) for layer in model.layers]
+    assert wrapped == [True] * (len(wrapped) - 1) + [False]
+    np.testing.assert_array_equal(np.array(model(x)), before)
+
+
 def test_grad_accumulation_counts_micro_batches(tiny_model_dir, tiny_data_dir, tmp_path):
     summary = run_training(run_config(tiny_model_dir, tiny_data_dir, tmp_path / "r", iters=2,
                                       grad_accumulation_steps=3, batch_size=2))
