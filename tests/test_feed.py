@@ -187,3 +187,17 @@ def test_loaded_models_use_the_head_path(tiny_model_dir, tiny_quant_model_dir):
         model, _, _ = load_model(str(path))
         assert output_head(model) is model.lm_head, path
         assert splits_rows(model) == (not (quantized and fast_quant.wanted())), path
+
+
+def test_probe_verdict_is_kept_until_the_head_changes():
+    model = tiny_llama(False)
+    calls = []
+    real_call = type(model).__call__
+    type(model).__call__ = lambda self, *a, **k: calls.append(1) or real_call(self, *a, **k)
+    try:
+        assert output_head(model) is model.lm_head and output_head(model) is model.lm_head
+        assert len(calls) == 1, "one probe for the same head"
+        model.lm_head = nn.Linear(32, VOCAB, bias=False)  # a new head module: probed again
+        assert output_head(model) is model.lm_head and len(calls) == 2
+    finally:
+        type(model).__call__ = real_call
