@@ -1,7 +1,7 @@
 """poet-mlx benchmark: speed and memory of preference training, before/after each design decision, and side by
 side with mlx-lm-lora when it is installed.
 
-    python benchmarks/bench.py            # everything (~10 minutes on 2 CPU cores)
+    python benchmarks/bench.py            # everything (~12 minutes on 2 CPU cores)
     python benchmarks/bench.py --quick    # tiny model only (~1-2 minutes)
     python benchmarks/bench.py --sections models peer --out results.json
     python benchmarks/bench.py --setup-peer   # installs mlx-lm-lora 5.10.2 into benchmarks/.peer-venv
