@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
-
 import numpy as np
 
 from .batching import PairBatch, make_feed
