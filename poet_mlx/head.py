@@ -63,8 +63,12 @@ def _probe(model, head) -> bool:
     base, seen = type(trunk), []
 
     def recording_call(self, *args, **kwargs):
-        seen.append(base.__call__(self, *args, **kwargs))
-        return seen[-1]
+        out = base.__call__(self, *args, **kwargs)
+        # The split calls the trunk with the tokens alone: anything else passed here (a mask, images...) that
+        # is not None would be missing there, so such a call is recorded as unusable (None).
+        extra = list(args[1:]) + list(kwargs.values())
+        seen.append(out if all(v is None for v in extra) else None)
+        return out
 
     was_training = getattr(model, "training", False)
     model.eval()
@@ -73,7 +77,7 @@ def _probe(model, head) -> bool:
         vocab = _vocab_size(model)
         probe = (mx.arange(PROBE_TOKENS, dtype=mx.int32) * 7919 % max(1, vocab))[None]  # (1, PROBE_TOKENS)
         full = model(probe).astype(mx.float32)
-        if len(seen) != 1:  # the trunk was not called exactly once: not the plain head(trunk(x)) shape
+        if len(seen) != 1 or seen[0] is None:  # not called once, with the tokens alone: not head(trunk(x))
             return False
         split = head(seen[0]).astype(mx.float32)
         if full.shape != split.shape:

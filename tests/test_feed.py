@@ -115,6 +115,16 @@ def test_output_head_refused_when_the_forward_does_more():
             return 5.0 * mx.tanh(self.lm_head(self.model(x)) / 5.0)
 
     assert output_head(SoftCapped(tiny_llama(False))) is None
+
+    class MaskedTrunk(nn.Module):  # the trunk needs an argument the split would not pass
+        def __init__(self, inner):
+            super().__init__()
+            self.model, self.lm_head = inner.model, inner.lm_head
+
+        def __call__(self, x):
+            return self.lm_head(self.model(x, input_embeddings=self.model.embed_tokens(x) * 1.0))
+
+    assert output_head(MaskedTrunk(tiny_llama(False))) is None
     assert output_head(nn.Linear(4, 4)) is None, "no trunk: the full forward is used"
 
 
