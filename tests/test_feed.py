@@ -211,3 +211,28 @@ def test_probe_verdict_is_kept_until_the_head_changes():
         assert output_head(model) is model.lm_head and len(calls) == 2
     finally:
         type(model).__call__ = real_call
+
+
+ARCHITECTURES = [  # (mlx-lm model type, extra args, whether the split head applies)
+    ("qwen2", {}, True),
+    ("qwen3", {"head_dim": 8, "max_position_embeddings": 128, "rope_theta": 1e4, "tie_word_embeddings": True}, True),
+    ("gemma3_text", {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 16, "sliding_window_pattern": 2},
+     True),
+    ("phi3", {"rope_theta": 1e4}, True),
+    ("gemma2", {"head_dim": 8, "query_pre_attn_scalar": 8}, False),  # logit soft-capping
+    ("cohere", {"logit_scale": 0.5}, False),  # logits scaled after the head
+]
+
+
+@pytest.mark.parametrize("model_type,extra,split", ARCHITECTURES, ids=[a[0] for a in ARCHITECTURES])
+def test_probe_on_mlx_lm_architectures(model_type, extra, split):
+    import importlib
+
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    args = module.ModelArgs.from_dict({"model_type": model_type, "hidden_size": 32, "num_hidden_layers": 2,
+                                       "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                       "rms_norm_eps": 1e-5, "vocab_size": VOCAB, **extra})
+    mx.random.seed(0)
+    model = module.Model(args)
+    mx.eval(model.parameters())
+    assert (output_head(model) is not None) == split
