@@ -14,12 +14,8 @@ from .objective import Objective, batch_inputs, batch_objective, splits_rows
 
 
 def evaluate(model, pair_set, objective: Objective, batch_size: int, pad_id: int = 0,
-             progress: Optional[Callable[[int, int], None]] = None, world: World | None = None,
-             head="auto") -> tuple[dict, dict]:
+             progress: Optional[Callable[[int, int], None]] = None, world: World | None = None) -> tuple[dict, dict]:
     """Score every pair of `pair_set` (a trainer.PairSet) with the model in eval mode.
-
-    `head` is the model's verified output head (`head.output_head`), None for the full forward, or "auto"
-    to probe for it here.
 
     In a distributed run each rank scores every size-th batch and the per-pair columns are summed across
     ranks, so every rank returns the full result.
@@ -30,9 +26,7 @@ def evaluate(model, pair_set, objective: Objective, batch_size: int, pad_id: int
     """
     world = world or World()
     model.eval()
-    if head == "auto":
-        head = output_head(model)
-    split = splits_rows(model)
+    head, split = output_head(model), splits_rows(model)  # the probe's verdict is kept on the model
     n = len(pair_set)
     per_pair: dict[str, np.ndarray] = {}
     lengths = [lay.tokens for lay in pair_set.layouts]

@@ -61,9 +61,9 @@ def response_token_logps(model, groups, positions, head=None) -> mx.array:
     Returns:
         (R,) float32.
     """
-    targets = mx.concatenate([g[:, 1:].reshape(-1) for g in groups])[positions]  # (R,)
     if head is None:
         return mx.concatenate([model_token_logps(model, g).reshape(-1) for g in groups])[positions]
+    targets = mx.concatenate([g[:, 1:].reshape(-1) for g in groups])[positions]  # (R,)
     hidden = [model.model(g[:, :-1]) for g in groups]  # (n_g, L_g - 1, D) each
     packed = mx.concatenate([h.reshape(-1, h.shape[-1]) for h in hidden])[positions]  # (R, D)
     return per_token_logps(head(packed)[None], targets[None])[0]

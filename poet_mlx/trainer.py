@@ -332,8 +332,7 @@ class Trainer:
     def _validate(self, log: MetricsLog) -> None:
         self.reporter.phase("validation", 0, len(self.valid_set))
         means, _ = evaluate(self.model, self.valid_set, self.objective, self.cfg.batch_size, self.pad_id,
-                            progress=lambda d, t: self.reporter.phase("validation", d, t), world=self.world,
-                            head=self.head)
+                            progress=lambda d, t: self.reporter.phase("validation", d, t), world=self.world)
         self.model.train()
         record = {"step": self.state.step, **{f"eval_{k}": v for k, v in means.items()}}
         self.state.last_eval = record
