@@ -26,6 +26,11 @@ WINDOW_BATCHES = 64
 """Batches per sorting window: larger means less padding, smaller means more random batch mixes."""
 
 
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple`."""
+    return -(-n // multiple) * multiple
+
+
 @dataclass(frozen=True)
 class Layout:
     """How one pair is fed: response tokens kept in the sequences and response tokens scored."""
@@ -95,7 +100,7 @@ def make_batch(pairs: Sequence[TokenizedPair], indices: Sequence[int], layouts: 
             if ref_token_logps is not None:
                 ref.append(float(ref_token_logps[i][0 if side == "chosen" else 1][:n_score].sum()))
     width = max(len(r) for r in rows)
-    width = -(-width // pad_multiple) * pad_multiple
+    width = round_up(width, pad_multiple)
     tokens = np.full((len(rows), width), pad_id, dtype=np.int32)
     for j, r in enumerate(rows):
         tokens[j, : len(r)] = r
@@ -135,11 +140,7 @@ def packed_size(n: int) -> int:
     """n rounded up to a multiple of PACK_MULTIPLE, then of a quarter of its power of two: few distinct sizes
     (so compiled steps are reused), at most ~25% padding."""
     step = max(PACK_MULTIPLE, 1 << max(0, n.bit_length() - 3))
-    return max(step, -(-n // step) * step)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+    return max(step, round_up(n, step))
 
 
 def row_groups(lengths: np.ndarray) -> list[np.ndarray]:
@@ -161,7 +162,7 @@ def make_feed(batch: PairBatch, pad_multiple: int = PAD_MULTIPLE, split: bool = 
     groups = row_groups(lengths) if split else [np.arange(len(lengths))]
     arrays, positions, rows, offsets, base = [], [], [], [], 0
     for members in groups:
-        width = _round_up(int(lengths[members].max()), pad_multiple)
+        width = round_up(int(lengths[members].max()), pad_multiple)
         arrays.append(np.ascontiguousarray(batch.tokens[members, :width]))
         for j, r in enumerate(members):
             n = int(batch.keep_lens[r])

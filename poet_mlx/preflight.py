@@ -115,7 +115,7 @@ def estimate_run_memory(model, model_path, cfg: RunConfig, train_set) -> Optiona
     the training PairSet. None when config.json lacks the sizes or there is no data."""
     from mlx.utils import tree_flatten
 
-    from .batching import PAD_MULTIPLE
+    from .batching import PAD_MULTIPLE, round_up
 
     dims = model_dims(model_path)
     if dims is None or not len(train_set):
@@ -126,7 +126,7 @@ def estimate_run_memory(model, model_path, cfg: RunConfig, train_set) -> Optiona
     floats = Counter(v.dtype.size for _, v in params if "float" in str(v.dtype))
     act_bytes = floats.most_common(1)[0][0] if floats else 2  # the dtype most weights use
     longest = max(lay.prompt_len + max(lay.keep_chosen, lay.keep_rejected) for lay in train_set.layouts)
-    seq_len = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    seq_len = round_up(longest, PAD_MULTIPLE)
     response_len = max(max(lay.keep_chosen, lay.keep_rejected) for lay in train_set.layouts)
     t = cfg.train
     est = estimate_memory(weight_bytes, trainable, dims, t.batch_size, seq_len, t.grad_checkpoint, t.optimizer,

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .batching import PAD_MULTIPLE
+from .batching import PAD_MULTIPLE, round_up
 from .fsutil import save_safetensors_atomic
 
 MODEL_SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -40,7 +40,7 @@ def sft_batch(examples, indices, pad_id: int = 0) -> tuple[np.ndarray, np.ndarra
     """Right-padded (B, L) int32 tokens (L a multiple of PAD_MULTIPLE), (B,) starts (first response target
     position, prompt_len - 1) and (B,) response lengths."""
     rows = [np.concatenate([examples[i][0], examples[i][1]]) for i in indices]
-    width = -(-max(len(r) for r in rows) // PAD_MULTIPLE) * PAD_MULTIPLE
+    width = round_up(max(len(r) for r in rows), PAD_MULTIPLE)
     tokens = np.full((len(rows), width), pad_id, np.int32)
     for j, r in enumerate(rows):
         tokens[j, : len(r)] = r
