@@ -62,3 +62,21 @@ def run_config(model_dir, data_dir, run_dir, **overrides):
     cfg = RunConfig.from_flat(flat, source="test")
     validate(cfg)
     return cfg
+
+
+def cli(*argv) -> int:
+    """Run `poet-mlx ARGV` in process; argparse's own exits (--help, bad flags) count as return codes."""
+    from poet_mlx.cli.main import main
+
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as exc:
+        return 0 if exc.code is None else exc.code
+
+
+def one_error_line(err: str) -> str:
+    """The single `error: ...` line a user mistake prints (no traceback), or an assertion error."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one error line, got:\n{err}"
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    return lines[0]

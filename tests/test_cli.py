@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cli, one_error_line
 from poet_mlx.checkpoint import read_metrics
-from poet_mlx.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -22,14 +22,6 @@ EXAMPLES = ROOT / "examples"
 PLAIN_PAIR = r'[^\s="]+=(?:"(?:[^"\\]|\\.)*"|[^\s"]*)'
 PLAIN_LINE = re.compile(rf"^(?P<kind>[a-z]+)(?P<pairs>(?: {PLAIN_PAIR})*)$")
 PLAIN_KINDS = {"phase", "run", "train", "eval", "checkpoint", "done"}
-
-
-def cli(*argv) -> int:
-    """Run `poet-mlx ARGV` in process; argparse's own exits (--help, bad flags) count as return codes."""
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as exc:
-        return 0 if exc.code is None else exc.code
 
 
 def tiny_flags(model_dir, data_dir, run_dir, iters: int = 2) -> list:
@@ -41,13 +33,6 @@ def tiny_flags(model_dir, data_dir, run_dir, iters: int = 2) -> list:
 
 def train_steps(run_dir) -> list[int]:
     return [r["step"] for r in read_metrics(run_dir) if "loss" in r]
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one error line, got:\n{err}"
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

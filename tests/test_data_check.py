@@ -7,16 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from poet_mlx.cli.main import main
+from conftest import cli
 
 GOOD = {"prompt": "Name a color.", "chosen": "Blue is a color.", "rejected": "No."}
-
-
-def cli(*argv) -> int:
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as exc:
-        return 0 if exc.code is None else exc.code
 
 
 def check_json(capsys, *argv) -> tuple[int, dict, str]:

@@ -13,26 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from poet_mlx.cli.main import main
+from conftest import cli, one_error_line
 
 GOOD = {"prompt": "Name a color.", "chosen": "Blue is a color.", "rejected": "No."}
 CONV = {"prompt": [{"role": "user", "content": "Name a color."}],
         "chosen": [{"role": "assistant", "content": "Blue."}],
         "rejected": [{"role": "assistant", "content": "No."}]}
-
-
-def cli(*argv) -> int:
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse's own exits
-        return 0 if exc.code is None else exc.code
-
-
-def one_error_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one error line, got:\n{err}"
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    return lines[0]
 
 
 def flags(model, data, run) -> list:

@@ -20,10 +20,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import run_config
+from conftest import cli, run_config
 from poet_mlx import checkpoint as ckpt
 from poet_mlx.checkpoint import latest_checkpoint, load_checkpoint, read_metrics, save_checkpoint
-from poet_mlx.cli.main import main
 from poet_mlx.errors import PoetError
 from poet_mlx.pipeline import run_training
 from poet_mlx.reporting import RecordingReporter
@@ -31,13 +30,6 @@ from poet_mlx.reporting import RecordingReporter
 ROOT = Path(__file__).resolve().parent.parent
 RUN_FLAGS = {"iters": 6, "batch_size": 2, "save_every": 2, "loss": "simpo", "dropout": 0.1}
 """A SimPO run of 6 steps with dropout (so the random state must be replayed too), saved every 2 steps."""
-
-
-def cli(*argv) -> int:
-    try:
-        return main([str(a) for a in argv])
-    except SystemExit as exc:
-        return 0 if exc.code is None else exc.code
 
 
 def losses(run) -> list[float]:
