@@ -4,7 +4,7 @@ Which BLAS MLX uses is decided when `mlx.core` loads, so each setting runs in a 
 `python -m benchmarks.blasbench '<json spec>'` with POET_MLX_BLAS=reference or not. Shapes are (M, K, N)
 for `a (M, K) @ b (K, N)`; `transposed` shapes multiply by `w.T` with `w (N, K)`, as `nn.Linear` does.
 numpy's own OpenBLAS (its wheel bundles one, with its default threads) stands for the machine's best rate.
-`quant_shapes` also time 4-bit matmuls: MLX's CPU `quantized_matmul` against `poet_mlx.fast_quant`.
+`quant_shapes` also time 4-bit matmuls: MLX's CPU `quantized_matmul` against `poet_mlx.backends.fast_quant`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import sys
 import time
 
 import poet_mlx  # noqa: F401  (first: OpenBLAS before mlx.core, unless POET_MLX_BLAS=reference)
-
 from benchmarks.report import child_main
-
 
 
 def _rate(fn, flops: float, budget_s: float) -> float:
@@ -35,7 +33,7 @@ def run(spec: dict) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from poet_mlx import blas
+    from poet_mlx.backends import blas
 
     rows = []
     for m, k, n, transposed in spec["shapes"]:
@@ -58,7 +56,7 @@ def _quant_row(m: int, k: int, n: int, dtype: str, budget_s: float) -> dict:
     """4-bit (group 64) x @ W.T: MLX's `quantized_matmul` against poet-mlx's dequantize + GEMM path."""
     import mlx.core as mx
 
-    from poet_mlx.fast_quant import dequantized_matmul
+    from poet_mlx.backends.fast_quant import dequantized_matmul
 
     x = mx.random.normal((m, k), key=mx.random.key(3)).astype(getattr(mx, dtype))
     w = (mx.random.normal((n, k), key=mx.random.key(4)) / k ** 0.5).astype(getattr(mx, dtype))

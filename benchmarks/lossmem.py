@@ -13,9 +13,7 @@ import sys
 import time
 
 import poet_mlx  # noqa: F401  (first: OpenBLAS before mlx.core)
-
 from benchmarks.report import child_main
-
 
 
 def _measure(fn, logits, targets, backward: bool) -> tuple[float, float]:

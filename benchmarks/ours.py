@@ -1,4 +1,4 @@
-"""One poet-mlx training run, measured: drives `poet_mlx.pipeline.run_training` with a timing reporter.
+"""One poet-mlx training run, measured: drives `poet_mlx.train.run.run_training` with a timing reporter.
 
 Run in a fresh process per case (`python -m benchmarks.ours '<json spec>'`), so peak memory, max RSS and
 the compile cache belong to that case alone; the result is one JSON line on stdout after `RESULT_TAG`.
@@ -11,10 +11,8 @@ import sys
 import time
 
 import poet_mlx  # noqa: F401  (first: OpenBLAS for MLX's CPU matmuls, unless POET_MLX_BLAS=reference)
-
 from benchmarks.report import child_main, max_rss_gb
 from poet_mlx.reporting import Reporter
-
 
 
 class TimingReporter(Reporter):
@@ -78,9 +76,9 @@ def run_case(spec: dict) -> dict:
 
     import mlx.core as mx
 
-    from poet_mlx import blas
+    from poet_mlx.backends import blas
     from poet_mlx.config import RunConfig, validate
-    from poet_mlx.pipeline import run_training
+    from poet_mlx.train.run import run_training
 
     os.environ["POET_MLX_CACHE"] = spec["cache"]
     cfg = RunConfig.from_flat(spec["config"], source="benchmark")

@@ -25,8 +25,9 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     if spec.get("blas", True):
         import poet_mlx  # noqa: F401  (OpenBLAS before mlx.core, as in poet-mlx)
-    from benchmarks.report import max_rss_gb
     import mlx.core as mx
+
+    from benchmarks.report import max_rss_gb
 
     info = mx.device_info
 

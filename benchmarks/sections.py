@@ -308,7 +308,7 @@ def section_blas(work: Path, plan: Plan) -> tuple[dict, str]:
     qrows = [[f"{q['shape'][0]}x{q['shape'][1]} @ ({q['shape'][2]}x{q['shape'][1]}).T 4-bit", q["dtype"],
               q["native_gflops"], q["fast_gflops"], ratio(q["fast_gflops"], q["native_gflops"])]
              for q in fast.get("quant", [])]
-    text += "\n" + table("4-bit matmul GFLOP/s: MLX CPU quantized_matmul vs poet_mlx.fast_quant (dequantize + sgemm)",
+    text += "\n" + table("4-bit matmul GFLOP/s: MLX CPU quantized_matmul vs poet_mlx.backends.fast_quant (dequantize + sgemm)",
                          ["shape", "input", "native", "fast_quant", "speed-up"], qrows)
     if plan.blas_step_steps:
         batch, max_length, lora_layers = MODEL_SETTINGS["tiny-7.6M"]

@@ -27,7 +27,6 @@ import time
 from functools import partial
 
 import poet_mlx  # noqa: F401  (first: OpenBLAS before mlx.core)
-
 from benchmarks.report import child_main
 
 VARIANTS = ("ours", "full_head", "one_group", "plain", "two_forwards", "second_model", "peer_like",
@@ -77,11 +76,11 @@ def _prepare(spec: dict):
 
     from poet_mlx.batching import layout
     from poet_mlx.config import DataConfig
-    from poet_mlx.data import load_split
+    from poet_mlx.data.sources import load_split
+    from poet_mlx.data.tokenization import tokenize_pairs
     from poet_mlx.models import attach_trainable, load_model, lora_parameters
     from poet_mlx.objective import Objective
-    from poet_mlx.reference import compute_token_logps
-    from poet_mlx.tokenization import tokenize_pairs
+    from poet_mlx.train.reference import compute_token_logps
 
     dcfg = DataConfig(data=spec["data"], max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"])
     rows, _ = load_split(dcfg, "train")

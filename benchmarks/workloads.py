@@ -138,7 +138,7 @@ def data_folder(root: Path, spec: DataSpec) -> Path:
 
 
 def _config(spec: ModelSpec, tokenizer_vocab: int) -> dict:
-    from poet_mlx import tiny
+    from poet_mlx.demo import tiny
 
     head_dim = spec.hidden // spec.heads
     cfg = {
@@ -167,7 +167,7 @@ def _config(spec: ModelSpec, tokenizer_vocab: int) -> dict:
 
 
 def _write_tokenizer(out: Path, texts: list[str], vocab: int) -> int:
-    from poet_mlx import tiny
+    from poet_mlx.demo import tiny
 
     tok = tiny.build_tokenizer(texts, vocab)
     tok.save(str(out / "tokenizer.json"))

@@ -26,7 +26,7 @@ def add_sampling_flags(p: argparse.ArgumentParser, temperature: float, max_token
 
 
 def sampling_from(args):
-    from poet_mlx.chat import Sampling
+    from poet_mlx.generate.chat import Sampling
 
     s = Sampling(args.temperature, args.top_p, args.max_tokens, args.seed)
     s.check()
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None, *, read_line: Optional[Callable[[], str]
 def _chat(args, read_line, console) -> int:
     from rich.console import Console
 
-    from poet_mlx.chat import ChatSession, load_for_chat
     from poet_mlx.errors import PoetError
+    from poet_mlx.generate.chat import ChatSession, load_for_chat
 
     sampling = sampling_from(args)
     if args.compare and not args.adapter_path:

@@ -18,6 +18,8 @@ import time
 from collections import deque
 from typing import Callable, Optional
 
+from poet_mlx.cli.charts import History, block_chart, sparkline
+from poet_mlx.cli.ui import duration, fmt, record_kind
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
@@ -25,8 +27,6 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from poet_mlx.cli.charts import History, block_chart, sparkline
-from poet_mlx.cli.ui import duration, fmt, record_kind
 from poet_mlx.reporting import Reporter
 
 LIVE_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",

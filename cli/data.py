@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check(args) -> int:
     from poet_mlx.config import RunConfig, validate
-    from poet_mlx.preflight import check_data
+    from poet_mlx.data.preflight import check_data
 
     flags = given_flags(args, groups=("model", "data", "loss"))
     cfg = RunConfig.from_flat({**flags, "data": args.data}, source="command line")
@@ -61,7 +61,7 @@ def _check(args) -> int:
 
 def load_tokenizer(cfg):
     """The tokenizer of cfg.model.model, without loading the weights."""
-    from poet_mlx.preflight import load_tokenizer as load
+    from poet_mlx.data.preflight import load_tokenizer as load
 
     return load(cfg.model.model, cfg.model.revision, cfg.model.trust_remote_code)
 

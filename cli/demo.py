@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 def _demo(args) -> int:
     from dataclasses import replace
 
-    from poet_mlx.demo import RESULTS_FILE, DemoSpec, run_demo
+    from poet_mlx.demo.toy import RESULTS_FILE, DemoSpec, run_demo
 
     given = {"steps": args.steps, "sft_steps": args.sft_steps, "generate": args.generate, "task": args.task,
              "seed": args.seed}
@@ -57,7 +57,7 @@ def _demo(args) -> int:
 
 
 def _intro(spec, folder: Path) -> None:
-    from poet_mlx.demo_task import TASKS
+    from poet_mlx.demo.task import TASKS
 
     c, r = TASKS[spec.task]["chosen"], TASKS[spec.task]["rejected"]
     print(f"poet-mlx demo in {folder}/: a tiny llama ({spec.num_layers} layers, width {spec.hidden_size}) and a "
@@ -69,10 +69,10 @@ def _intro(spec, folder: Path) -> None:
 
 
 def _print_results(res: dict, path: Path) -> None:
+    from poet_mlx.cli.evaluate import prefix_table
     from rich.console import Console
 
-    from poet_mlx.cli.evaluate import prefix_table
-    from poet_mlx.prefix import PrefixCurve
+    from poet_mlx.analysis.prefix import PrefixCurve
 
     c = Console()
     runs = res["runs"]
@@ -89,7 +89,7 @@ def _print_results(res: dict, path: Path) -> None:
     print("files:\n  " + "\n  ".join(files))
     print(f"next:\n  poet-mlx eval --model {res['sft_model']} --data {res['data']} --adapter-path "
           f"{runs[0]['path']}" + "".join(f" --compare {r['path']}" for r in runs[1:]) + " --no-poet "
-          "--prefix-curve --entropy --generate 16 --judge poet_mlx.demo_task:judge")
+          "--prefix-curve --entropy --generate 16 --judge poet_mlx.demo.task:judge")
 
 
 def _pct(x) -> str:

@@ -55,8 +55,8 @@ def add_analysis_flags(p: argparse.ArgumentParser) -> None:
 
 def generation_options(args):
     """GenerationOptions from the flags, or None without --generate; PoetError for an incomplete request."""
+    from poet_mlx.analysis.generations import JUDGE_HELP, GenerationOptions
     from poet_mlx.errors import PoetError
-    from poet_mlx.generation import JUDGE_HELP, GenerationOptions
 
     if args.judge and not args.generate:
         raise PoetError("--judge scores generated replies: add --generate N (how many held-out prompts)")
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _eval(args) -> int:
     from poet_mlx.fsutil import write_text_atomic
-    from poet_mlx.pipeline import run_evaluation, saved_config
+    from poet_mlx.train.run import run_evaluation, saved_config
 
     generation = generation_options(args)
     first_run = args.run_path or (args.compare[0] if args.compare else None)
@@ -107,8 +107,8 @@ def _eval(args) -> int:
 
 def _write_analyses(result, args, first_run) -> list[str]:
     """Curve/entropy JSON into each run folder (and --curve-output), samples JSONL; returns the paths."""
+    from poet_mlx.analysis.generations import samples_jsonl
     from poet_mlx.fsutil import write_json_atomic, write_text_atomic
-    from poet_mlx.generation import samples_jsonl
 
     written = []
     for curve in result.curves:
@@ -143,10 +143,9 @@ def _print(means: dict, cfg, args) -> None:
 
 def _print_runs(result, cfg) -> None:
     """Side-by-side metrics of several runs on the same pairs."""
+    from poet_mlx.cli.ui import fmt
     from rich.console import Console
     from rich.table import Table
-
-    from poet_mlx.cli.ui import fmt
 
     t = Table(title=f"eval on {cfg.data.data}", title_justify="left", title_style="bold")
     t.add_column("metric")
@@ -172,9 +171,8 @@ def bar(value, width: int = 12) -> str:
 
 def prefix_table(curves):
     """Rows k = 1, 2, ..., full: pairs, and per model the accuracy as a bar, the value and the mean margin."""
-    from rich.table import Table
-
     from poet_mlx.cli.ui import fmt
+    from rich.table import Table
 
     t = Table(title="implicit reward by prefix length k: does the model prefer the chosen reply's first k "
               "tokens?", title_justify="left", title_style="bold")

@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(args) -> int:
-    from poet_mlx.export import export_peft
-    from poet_mlx.hub import check_repo_id
+    from poet_mlx.export.hub import check_repo_id
+    from poet_mlx.export.peft import export_peft
 
     if args.push_to_hub:
         check_repo_id(args.push_to_hub)

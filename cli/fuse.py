@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def push_if_asked(args, folder, say) -> None:
-    from poet_mlx.hub import push_folder
+    from poet_mlx.export.hub import push_folder
 
     if args.push_to_hub:
         say(f"pushing {folder} to {args.push_to_hub}{' (private)' if args.private else ''} ...")
@@ -45,8 +45,8 @@ def push_if_asked(args, folder, say) -> None:
 
 
 def _fuse(args) -> int:
-    from poet_mlx.export import fuse_run
-    from poet_mlx.hub import check_repo_id
+    from poet_mlx.export.hub import check_repo_id
+    from poet_mlx.export.peft import fuse_run
 
     if args.push_to_hub:
         check_repo_id(args.push_to_hub)  # before minutes of work, not after

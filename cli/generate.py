@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(args) -> int:
-    from poet_mlx.chat import generate_replies, load_for_chat, read_prompts
     from poet_mlx.fsutil import write_text_atomic
+    from poet_mlx.generate.chat import generate_replies, load_for_chat, read_prompts
 
     sampling = sampling_from(args)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)

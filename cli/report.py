@@ -18,7 +18,8 @@ from typing import Optional
 
 from poet_mlx.cli.charts import Chart, Series
 from poet_mlx.cli.common import add_output_flags, run_guarded
-from poet_mlx.cli.ui import fmt, final_and_best, kv_line
+from poet_mlx.cli.ui import final_and_best, fmt, kv_line
+
 from poet_mlx.errors import PoetError
 
 # (metric in metrics.jsonl, chart title, y axis label, fixed y range); validation uses the eval_ name.
@@ -98,7 +99,7 @@ def _report(args) -> int:
 def load_run(path: Path) -> Run:
     """Read a run folder's metrics.jsonl and saved settings. A broken line (a run being written, or cut
     by a crash) is skipped and counted rather than failing the report."""
-    from poet_mlx.checkpoint import read_metrics
+    from poet_mlx.train.checkpoint import read_metrics
 
     if not path.is_dir():
         raise PoetError(f"run folder {path} not found; pass the --adapter-path of a poet-mlx train run")
@@ -215,7 +216,7 @@ def load_prefix_curves(path: Path) -> list[dict]:
     for c in curves:
         k, acc = list(c["k"]), list(c["accuracy"])
         full = c.get("full")
-        if isinstance(full, dict) and "accuracy" in full:  # poet_mlx.prefix.PrefixCurve.to_json()
+        if isinstance(full, dict) and "accuracy" in full:  # poet_mlx.analysis.prefix.PrefixCurve.to_json()
             k, acc = k + ["full"], acc + [full["accuracy"]]
         out.append({"k": k, "accuracy": acc, "label": c.get("label") or path.stem})
     return out
@@ -271,6 +272,7 @@ def runs_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
 def write_picture(output: Path, runs: list[Run], sections: list[tuple[str, list[Chart]]]) -> None:
     """Write the page (.html), one SVG (.svg) or a PNG (.png) atomically."""
     from poet_mlx.cli import svg
+
     from poet_mlx.fsutil import atomic_path, write_text_atomic
 
     title = "poet-mlx report: " + " vs ".join(r.label for r in runs)
@@ -298,11 +300,10 @@ def write_picture(output: Path, runs: list[Run], sections: list[tuple[str, list[
 
 
 def print_terminal(runs: list[Run], charts: list[Chart], output: Path, show_charts: bool = True) -> None:
+    from poet_mlx.cli.charts import TERMINAL_COLORS, BrailleChart
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
-
-    from poet_mlx.cli.charts import TERMINAL_COLORS, BrailleChart
 
     console = Console()
     header, rows = runs_table(runs)

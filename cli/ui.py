@@ -239,8 +239,8 @@ def print_summary(summary: dict, console=None, wall_seconds: Optional[float] = N
     from rich.table import Table
     from rich.text import Text
 
-    from poet_mlx.checkpoint import latest_checkpoint, read_metrics
     from poet_mlx.errors import PoetError
+    from poet_mlx.train.checkpoint import latest_checkpoint, read_metrics
 
     console = console or Console()
     run = summary["adapter_path"]

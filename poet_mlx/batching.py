@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .data.tokenization import TokenizedPair
 from .poet import scored_lengths
-from .tokenization import TokenizedPair
 
 PAD_MULTIPLE = 32
 PACK_MULTIPLE = 128

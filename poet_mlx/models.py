@@ -69,7 +69,7 @@ def load_model(model: str, revision: Optional[str] = None, trust_remote_code: bo
         reason = str(exc).rstrip(".")
         raise PoetError(f"mlx-lm could not load the model in {path}: {reason}. Check that the folder holds a "
                         "complete model (config.json, *.safetensors, tokenizer files); re-download it if not") from None
-    from .fast_quant import accelerate_quantized
+    from .backends.fast_quant import accelerate_quantized
 
     accelerate_quantized(loaded)  # Linux CPU only: 4-bit layers via dequantize + OpenBLAS (fast_quant.py)
     return loaded, tokenizer, path

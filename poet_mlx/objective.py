@@ -88,7 +88,7 @@ def splits_rows(model) -> bool:
     """Whether to feed a batch's rows in two halves (`batching.row_groups`): yes, except for a model whose
     layers expand their 4-bit weights on every call (`fast_quant`, Linux CPU), where a second forward
     means a second expansion of every weight (Qwen2.5-0.5B shapes, batch 1: 10.0 s per step split, 7.9 s not)."""
-    from .fast_quant import expands_weights
+    from .backends.fast_quant import expands_weights
 
     return not expands_weights(model)
 

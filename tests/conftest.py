@@ -7,16 +7,17 @@ import os
 # Before anything imports huggingface_hub (it reads the variable once): tests never touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import poet_mlx  # noqa: F401  (first: routes MLX CPU matmuls to OpenBLAS before mlx.core loads)
-
 import pytest
+
+import poet_mlx  # noqa: F401  (first: routes MLX CPU matmuls to OpenBLAS before mlx.core loads)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A float32 tiny Llama folder (hidden 64, 2 layers, chat template, eos `<|end|>`), loadable by
     `mlx_lm.load`. Its tokenizer is trained on the demo task's texts. Treat it as read-only."""
-    from poet_mlx import demo_task, tiny
+    from poet_mlx.demo import task as demo_task
+    from poet_mlx.demo import tiny
 
     return tiny.save_tiny_model(tmp_path_factory.mktemp("tiny_model"), texts=demo_task.corpus_texts(0), seed=0)
 
@@ -25,7 +26,8 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_quant_model_dir(tmp_path_factory):
     """The same model as `tiny_model_dir` (same seed and tokenizer), 4-bit quantized like mlx-community
     models: `mlx_lm.load` gives QuantizedLinear layers. Treat it as read-only."""
-    from poet_mlx import demo_task, tiny
+    from poet_mlx.demo import task as demo_task
+    from poet_mlx.demo import tiny
 
     return tiny.save_tiny_model(
         tmp_path_factory.mktemp("tiny_quant_model"), texts=demo_task.corpus_texts(0), seed=0, quantize_bits=4
@@ -35,7 +37,7 @@ def tiny_quant_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory):
     """A folder with train.jsonl (48 pairs) and valid.jsonl (16 pairs) of the demo task."""
-    from poet_mlx import demo_task
+    from poet_mlx.demo import task as demo_task
 
     return demo_task.write_demo_dataset(tmp_path_factory.mktemp("tiny_data"), n_train=48, n_valid=16, seed=0)
 

@@ -16,9 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import report, sections, workloads  # noqa: E402
-from poet_mlx import fast_quant  # noqa: E402
+from poet_mlx.backends import fast_quant  # noqa: E402
 from poet_mlx.logprobs import per_token_logps  # noqa: E402
-
 
 # -- workloads ---------------------------------------------------------------------------------------------
 

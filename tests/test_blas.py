@@ -1,4 +1,4 @@
-"""The Linux BLAS routing (poet_mlx/blas.py): off where it must be, and the same numbers with and without it."""
+"""The Linux BLAS routing (poet_mlx/backends/blas.py): off where it must be, and the same numbers with and without it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from poet_mlx import blas
+from poet_mlx.backends import blas
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,9 +69,11 @@ RUN = textwrap.dedent("""
     import poet_mlx
     import mlx.core as mx
     import numpy as np
-    from poet_mlx import blas, demo_task, tiny
+    from poet_mlx.backends import blas
+    from poet_mlx.demo import task as demo_task
+    from poet_mlx.demo import tiny
     from poet_mlx.config import RunConfig, validate
-    from poet_mlx.pipeline import run_training
+    from poet_mlx.train.run import run_training
     from poet_mlx.reporting import RecordingReporter
 
     out = sys.argv[1]

@@ -6,7 +6,6 @@ import io
 import json
 
 import pytest
-
 from test_export import train_run
 
 
@@ -17,7 +16,7 @@ def run(tmp_path_factory, tiny_model_dir, tiny_data_dir):
 
 @pytest.fixture(scope="module")
 def loaded(run):
-    from poet_mlx.chat import load_for_chat
+    from poet_mlx.generate.chat import load_for_chat
 
     return load_for_chat(None, str(run))  # the model comes from the run's config
 
@@ -28,7 +27,7 @@ GREEDY = dict(temperature=0.0, max_tokens=12)
 @pytest.fixture
 def prompts_seen(monkeypatch):
     """Record the token ids every reply was generated from (generation itself is unchanged)."""
-    import poet_mlx.chat as chat
+    import poet_mlx.generate.chat as chat
 
     seen, real = [], chat.generate_stream
 
@@ -45,7 +44,7 @@ def consume(streams) -> list[str]:
 
 
 def session(loaded, **kw):
-    from poet_mlx.chat import ChatSession, Sampling
+    from poet_mlx.generate.chat import ChatSession, Sampling
 
     sampling = Sampling(**{**GREEDY, **kw.pop("sampling", {})})
     return ChatSession(loaded.model, loaded.tokenizer, has_adapters=True, sampling=sampling, **kw)
@@ -88,7 +87,7 @@ def test_compare_answers_with_base_and_aligned(loaded):
     """Greedy replies must equal mlx-lm's own generation without and with the adapters."""
     from mlx_lm import generate
 
-    from poet_mlx.chat import encode_messages
+    from poet_mlx.generate.chat import encode_messages
     from poet_mlx.models import adapters_disabled
 
     s = session(loaded, compare=True)
@@ -119,8 +118,8 @@ def test_stopping_a_reply_keeps_what_was_said(loaded):
 
 
 def test_compare_needs_adapters(loaded):
-    from poet_mlx.chat import ChatSession
     from poet_mlx.errors import PoetError
+    from poet_mlx.generate.chat import ChatSession
 
     with pytest.raises(PoetError, match="--adapter-path"):
         ChatSession(loaded.model, loaded.tokenizer, has_adapters=False, compare=True)
@@ -139,9 +138,8 @@ def scripted(lines):
 
 
 def test_cli_chat_scripted_session(run, tmp_path):
-    from rich.console import Console
-
     from poet_mlx.cli.chat import main
+    from rich.console import Console
 
     class CtrlCOnce(Console):
         """Raises KeyboardInterrupt on the first streamed piece, like a user pressing Ctrl-C mid-reply."""

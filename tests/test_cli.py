@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import cli, one_error_line
-from poet_mlx.checkpoint import read_metrics
+
+from poet_mlx.train.checkpoint import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

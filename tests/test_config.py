@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from poet_mlx.cli.args import build_config, resume_config
 from poet_mlx.cli.train import build_parser
-from poet_mlx.config import (GROUPS, DataConfig, LoRAConfig, LossConfig, RunConfig, key_owners, load_yaml,
-                             validate)
+
+from poet_mlx.config import GROUPS, DataConfig, LoRAConfig, LossConfig, RunConfig, key_owners, load_yaml, validate
 from poet_mlx.errors import PoetError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -85,7 +84,7 @@ def test_plain_dpo_example_differs_from_dpo_poet_only_in_poet():
 @pytest.mark.parametrize("name, fmt", [("sample.jsonl", "standard"),
                                        ("sample_conversational.jsonl", "conversational")])
 def test_example_data_files_load(name, fmt):
-    from poet_mlx.data import load_split
+    from poet_mlx.data.sources import load_split
 
     rows, report = load_split(DataConfig(data=str(EXAMPLES / "data" / name)), "train")
     assert len(rows) == 6 and report.rows_skipped == 0

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from poet_mlx.config import DataConfig
-from poet_mlx.data import (
+from poet_mlx.data.sources import (
     LoadReport,
     PreferenceRow,
     extract_prompt,
@@ -572,7 +572,7 @@ def test_hub_failure_message(hub, error, part):
 
 def test_hub_offline_for_real():
     """The real `datasets` with HF_HUB_OFFLINE=1 and an id that is in no cache: a clear PoetError, quickly."""
-    code = ("from poet_mlx.config import DataConfig\nfrom poet_mlx.data import load_split\n"
+    code = ("from poet_mlx.config import DataConfig\nfrom poet_mlx.data.sources import load_split\n"
             "from poet_mlx.errors import PoetError\n"
             "try:\n    load_split(DataConfig(data='nobody/nothing'), 'train')\n"
             "except PoetError as e:\n    print('POET', e)\n")
@@ -584,7 +584,7 @@ def test_hub_offline_for_real():
 
 
 def test_import_is_light():
-    code = "import sys, poet_mlx.data; print(sorted({'datasets', 'pyarrow'} & set(sys.modules)))"
+    code = "import sys, poet_mlx.data.sources; print(sorted({'datasets', 'pyarrow'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]", out.stderr

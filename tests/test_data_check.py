@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import cli
 
 GOOD = {"prompt": "Name a color.", "chosen": "Blue is a color.", "rejected": "No."}
@@ -57,11 +56,11 @@ def test_problems_duplicates_and_identical_pairs_are_counted(tmp_path, capsys):
 def test_token_counts_match_what_training_does(tiny_model_dir, tiny_data_dir, capsys):
     """With --model, the cut/drop/POET counts are those of the training pipeline on the same settings."""
     from poet_mlx.config import RunConfig
-    from poet_mlx.data import load_split
+    from poet_mlx.data.sources import load_split
+    from poet_mlx.data.tokenization import tokenize_pairs
     from poet_mlx.models import load_model
     from poet_mlx.objective import Objective
-    from poet_mlx.pipeline import pair_set, poet_stats
-    from poet_mlx.tokenization import tokenize_pairs
+    from poet_mlx.train.run import pair_set, poet_stats
 
     limits = ["--max-length", 40, "--max-prompt-length", 11]
     rc, report, _ = check_json(capsys, tiny_data_dir, "--model", tiny_model_dir, *limits)

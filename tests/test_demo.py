@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from poet_mlx.demo import DemoSpec
+from poet_mlx.demo.toy import DemoSpec
 
 SMALL = DemoSpec(hidden_size=64, num_layers=2, intermediate_size=128, train_pairs=32, valid_pairs=16, sft_steps=10,
                  steps=4, generate=4, max_tokens=8)
@@ -16,7 +16,7 @@ SMALL = DemoSpec(hidden_size=64, num_layers=2, intermediate_size=128, train_pair
 
 
 def test_demo_task_variants():
-    from poet_mlx import demo_task
+    from poet_mlx.demo import task as demo_task
 
     rows = demo_task.make_pairs(200, seed=3, task="length-bias")
     chosen = [len(r["chosen"].split(".")) - 1 for r in rows]
@@ -33,14 +33,14 @@ def test_demo_task_variants():
 
 
 def test_sft_learns_the_replies_and_saves_a_loadable_model(tiny_model_dir, tiny_data_dir, tmp_path):
+    import mlx.core as mx
+
     from poet_mlx.config import RunConfig
     from poet_mlx.models import load_model
     from poet_mlx.objective import model_token_logps
-    from poet_mlx.pipeline import load_pairs
     from poet_mlx.reporting import Reporter
-    from poet_mlx.sft import save_model_folder, sft_batch, sft_examples, train_sft
-
-    import mlx.core as mx
+    from poet_mlx.train.run import load_pairs
+    from poet_mlx.train.sft import save_model_folder, sft_batch, sft_examples, train_sft
 
     model, tok, _ = load_model(str(tiny_model_dir))
     cfg = RunConfig.from_flat({"model": str(tiny_model_dir), "data": str(tiny_data_dir)})
@@ -59,8 +59,8 @@ def test_sft_learns_the_replies_and_saves_a_loadable_model(tiny_model_dir, tiny_
 
 
 def test_demo_runs_end_to_end_with_tiny_sizes(tmp_path):
-    from poet_mlx.demo import RESULTS_FILE, SAMPLES_FILE, run_demo, sft_start
-    from poet_mlx.prefix import PrefixCurve
+    from poet_mlx.analysis.prefix import PrefixCurve
+    from poet_mlx.demo.toy import RESULTS_FILE, SAMPLES_FILE, run_demo, sft_start
 
     folder = tmp_path / "demo"
     res = run_demo(folder, SMALL)
@@ -84,10 +84,11 @@ def test_demo_runs_end_to_end_with_tiny_sizes(tmp_path):
 
 
 def test_demo_cli_prints_the_comparison(tmp_path, monkeypatch, capsys):
-    import poet_mlx.demo
     from poet_mlx.cli.main import main as cli
 
-    monkeypatch.setattr(poet_mlx.demo, "DemoSpec", lambda: SMALL)
+    import poet_mlx.demo.toy
+
+    monkeypatch.setattr(poet_mlx.demo.toy, "DemoSpec", lambda: SMALL)
     rc = cli(["demo", "--folder", str(tmp_path / "d"), "--plain", "--steps", "3", "--generate", "2"])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -101,10 +102,11 @@ def test_demo_cli_prints_the_comparison(tmp_path, monkeypatch, capsys):
 
 
 def test_demo_cli_no_poet_trains_plain_dpo_only(tmp_path, monkeypatch, capsys):
-    import poet_mlx.demo
     from poet_mlx.cli.main import main as cli
 
-    monkeypatch.setattr(poet_mlx.demo, "DemoSpec", lambda: SMALL)
+    import poet_mlx.demo.toy
+
+    monkeypatch.setattr(poet_mlx.demo.toy, "DemoSpec", lambda: SMALL)
     rc = cli(["demo", "--folder", str(tmp_path / "d"), "--quiet", "--no-poet", "--generate", "0", "--steps", "1"])
     assert rc == 0
     res = json.loads((tmp_path / "d" / "demo_results.json").read_text())
@@ -118,7 +120,7 @@ def test_default_demo_shows_the_gap(tmp_path):
     two measurements that held in every seed tried: on the length-bias task DPO+POET prefers the chosen
     prefix at least as consistently as DPO at every k, and its generations refuse less. (The judged win rates
     differ by less than their intervals, so they are not asserted.)"""
-    from poet_mlx.demo import run_demo
+    from poet_mlx.demo.toy import run_demo
 
     res = run_demo(tmp_path / "demo", DemoSpec())
     dpo, poet = res["runs"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from poet_mlx import demo_task
+from poet_mlx.demo import task as demo_task
 
 
 def test_pairs_are_deterministic_and_well_formed():

@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from poet_mlx.checkpoint import read_metrics
+from poet_mlx.train.checkpoint import read_metrics
 
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
 pytestmark = pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed next to this python")

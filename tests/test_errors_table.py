@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import cli, one_error_line
 
 GOOD = {"prompt": "Name a color.", "chosen": "Blue is a color.", "rejected": "No."}
@@ -68,7 +67,7 @@ def _unreadable(ctx):
 
 
 def _huge_line(ctx):
-    from poet_mlx.data import MAX_LINE_BYTES
+    from poet_mlx.data.sources import MAX_LINE_BYTES
 
     big = json.dumps({**GOOD, "chosen": "x" * (MAX_LINE_BYTES + 1)}).encode() + b"\n"
     return flags(ctx.model, jsonl(ctx.tmp / "data.jsonl", *good_rows(), raw=big), ctx.run)

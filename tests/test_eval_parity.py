@@ -19,7 +19,6 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from conftest import run_config
 
 try:  # tests/ as a package or as a plain folder on sys.path
@@ -111,8 +110,8 @@ def base_side(tiny_model_dir, eval_file):
     """(pairs, base model per-token log-probs), tokenized exactly as `poet-mlx eval` does."""
     from mlx_lm import load
 
-    from poet_mlx.data import load_split
-    from poet_mlx.tokenization import tokenize_pairs
+    from poet_mlx.data.sources import load_split
+    from poet_mlx.data.tokenization import tokenize_pairs
 
     model, tokenizer = load(str(tiny_model_dir))
     cfg = run_config(tiny_model_dir, eval_file, "unused", max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH)
@@ -126,7 +125,7 @@ def base_side(tiny_model_dir, eval_file):
 @pytest.fixture(scope="module")
 def trained_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
     """A run folder with LoRA adapters after 3 DPO+POET steps (so policy != reference)."""
-    from poet_mlx.pipeline import run_training
+    from poet_mlx.train.run import run_training
 
     run = tmp_path_factory.mktemp("parity_run") / "run"
     with pytest.MonkeyPatch.context() as mp:  # module scope: keep the reference cache out of ~/.cache

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_config
 
 IDS = [5, 40, 80, 120, 200, 33, 6, 90, 17, 250, 64, 3]
@@ -21,7 +20,7 @@ MODULES = {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (64, 32), "self_att
 
 def train_run(tmp_path_factory, model_dir, data_dir, name, **overrides):
     """A 2-step SimPO run (no reference pass) with a large learning rate, so the adapters matter."""
-    from poet_mlx.pipeline import run_training
+    from poet_mlx.train.run import run_training
 
     run = tmp_path_factory.mktemp(name) / "run"
     settings = dict(iters=2, loss="simpo", learning_rate=1e-2)
@@ -71,7 +70,7 @@ def folder_digest(folder: Path) -> dict:
 def test_peft_export_keys_shapes_and_alpha(lora_run, tiny_model_dir, tmp_path):
     import mlx.core as mx
 
-    from poet_mlx.export import export_peft
+    from poet_mlx.export.peft import export_peft
 
     result = export_peft(lora_run, tmp_path / "peft")
     tensors = mx.load(str(tmp_path / "peft" / "adapter_model.safetensors"))
@@ -100,7 +99,7 @@ def test_peft_export_keys_shapes_and_alpha(lora_run, tiny_model_dir, tmp_path):
 def test_peft_export_dora_magnitude(dora_run, tmp_path):
     import mlx.core as mx
 
-    from poet_mlx.export import export_peft
+    from poet_mlx.export.peft import export_peft
 
     result = export_peft(dora_run, tmp_path / "peft", base_model_id="someone/tiny-llama")
     tensors = mx.load(str(tmp_path / "peft" / "adapter_model.safetensors"))
@@ -115,7 +114,7 @@ def test_peft_export_dora_magnitude(dora_run, tmp_path):
 
 
 def test_peft_export_warns_on_quantized_base(quant_run, tmp_path):
-    from poet_mlx.export import export_peft
+    from poet_mlx.export.peft import export_peft
 
     result = export_peft(quant_run, tmp_path / "peft")
     text = " ".join(result.warnings)
@@ -127,7 +126,7 @@ def test_peft_mapping_refuses_what_peft_cannot_hold():
     import mlx.core as mx
 
     from poet_mlx.errors import PoetError
-    from poet_mlx.export import peft_state_dict
+    from poet_mlx.export.peft import peft_state_dict
 
     a, b = mx.zeros((8, 2)), mx.zeros((2, 8))
     tensors, layout = peft_state_dict({"model.layers.3.self_attn.q_proj.lora_a": a,
@@ -152,7 +151,7 @@ def test_export_refuses_full_runs_and_never_writes_into_the_run(lora_run, tmp_pa
     import shutil
 
     from poet_mlx.errors import PoetError
-    from poet_mlx.export import export_peft
+    from poet_mlx.export.peft import export_peft
 
     full = tmp_path / "full"
     shutil.copytree(lora_run, full)
@@ -169,7 +168,7 @@ def test_export_refuses_full_runs_and_never_writes_into_the_run(lora_run, tmp_pa
 def test_fused_logits_equal_adapter_logits(lora_run, tiny_model_dir, tmp_path):
     from mlx_lm import load
 
-    from poet_mlx.export import fuse_run
+    from poet_mlx.export.peft import fuse_run
 
     model, base = adapter_model(tiny_model_dir, lora_run)
     want = logits(model)
@@ -193,7 +192,7 @@ def test_fuse_quantized_base(quant_run, tiny_quant_model_dir, tmp_path):
     import mlx.core as mx
     from mlx_lm import load
 
-    from poet_mlx.export import fuse_run
+    from poet_mlx.export.peft import fuse_run
 
     model, base = adapter_model(tiny_quant_model_dir, quant_run)
     want = logits(model)
@@ -224,7 +223,7 @@ def test_fuse_quantized_base(quant_run, tiny_quant_model_dir, tmp_path):
 
 def test_fuse_refuses_to_overwrite_and_is_atomic(lora_run, tmp_path, monkeypatch):
     from poet_mlx.errors import PoetError
-    from poet_mlx.export import fuse_run
+    from poet_mlx.export.peft import fuse_run
 
     out = tmp_path / "fused"
     out.mkdir()
@@ -253,7 +252,7 @@ def test_fuse_refuses_to_overwrite_and_is_atomic(lora_run, tmp_path, monkeypatch
 
 
 def test_model_card(lora_run, tmp_path):
-    from poet_mlx.export import fuse_run
+    from poet_mlx.export.peft import fuse_run
 
     fuse_run(lora_run, tmp_path / "fused")
     card = (tmp_path / "fused" / "README.md").read_text()
@@ -300,7 +299,7 @@ def test_push_to_hub(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     from poet_mlx.errors import PoetError
-    from poet_mlx.hub import push_folder
+    from poet_mlx.export.hub import push_folder
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

@@ -19,13 +19,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from conftest import cli, run_config
-from poet_mlx import checkpoint as ckpt
-from poet_mlx.checkpoint import latest_checkpoint, load_checkpoint, read_metrics, save_checkpoint
+
 from poet_mlx.errors import PoetError
-from poet_mlx.pipeline import run_training
 from poet_mlx.reporting import RecordingReporter
+from poet_mlx.train import checkpoint as ckpt
+from poet_mlx.train.checkpoint import latest_checkpoint, load_checkpoint, read_metrics, save_checkpoint
+from poet_mlx.train.run import run_training
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_FLAGS = {"iters": 6, "batch_size": 2, "save_every": 2, "loss": "simpo", "dropout": 0.1}
@@ -235,7 +235,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tiny_model_dir, t
 @pytest.fixture
 def poisoned_batches(monkeypatch):
     """Make the reference log-probs NaN for chosen training micro-batch calls (1-based call numbers)."""
-    from poet_mlx.trainer import PairSet
+    from poet_mlx.train.trainer import PairSet
 
     calls = {"n": 0, "poison": set()}
     real = PairSet.batch
@@ -284,7 +284,7 @@ def test_non_finite_batch_stops_with_a_diagnosis_then_resumes_skipping(tiny_mode
 
 def test_skip_nonfinite_counts_and_gives_up_when_every_batch_is_bad(tiny_model_dir, tiny_data_dir, tmp_path,
                                                                     poisoned_batches, monkeypatch):
-    from poet_mlx import health
+    from poet_mlx.train import health
 
     data = _small_data(tiny_data_dir, tmp_path)
     poisoned_batches["poison"] = {3}
@@ -376,7 +376,7 @@ def test_an_unfinished_start_does_not_block_the_next_one(tmp_path):
 
 
 def test_learning_watch_rules():
-    from poet_mlx.health import LOSS_FLAT_TOL, LearningWatch
+    from poet_mlx.train.health import LOSS_FLAT_TOL, LearningWatch
 
     w = LearningWatch(patience=3)
     assert w.observe(0.69, 0.0) == [] and w.observe(0.5, 0.0) == []
@@ -395,7 +395,8 @@ def test_learning_watch_rules():
 
 def test_a_run_that_learns_nothing_warns_everywhere_and_a_big_one_warns_about_memory(
         tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
-    from poet_mlx import health, preflight
+    from poet_mlx.data import preflight
+    from poet_mlx.train import health
 
     monkeypatch.setattr(health, "LEARNING_PATIENCE", 3)
     monkeypatch.setattr(preflight, "total_memory", lambda: 10**6)  # a 1 MB machine
@@ -421,7 +422,7 @@ def test_a_run_that_learns_nothing_warns_everywhere_and_a_big_one_warns_about_me
 
 
 def test_memory_estimate_scales_as_documented():
-    from poet_mlx.preflight import LOGIT_COPIES, estimate_memory
+    from poet_mlx.data.preflight import LOGIT_COPIES, estimate_memory
 
     dims = {"hidden_size": 896, "num_hidden_layers": 24, "intermediate_size": 4864, "vocab_size": 151936,
             "num_attention_heads": 14}

@@ -13,11 +13,17 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from poet_mlx.batching import (PACK_MULTIPLE, layout, make_batch, make_feed, packed_size, padding_fraction,
-                               row_groups)
+from poet_mlx.batching import PACK_MULTIPLE, layout, make_batch, make_feed, packed_size, padding_fraction, row_groups
+from poet_mlx.data.tokenization import TokenizedPair
 from poet_mlx.head import output_head
-from poet_mlx.objective import Objective, batch_inputs, batch_objective, model_token_logps, response_token_logps, row_sums
-from poet_mlx.tokenization import TokenizedPair
+from poet_mlx.objective import (
+    Objective,
+    batch_inputs,
+    batch_objective,
+    model_token_logps,
+    response_token_logps,
+    row_sums,
+)
 
 VOCAB = 97
 
@@ -189,7 +195,7 @@ def test_row_sums_by_hand():
 def test_loaded_models_use_the_head_path(tiny_model_dir, tiny_quant_model_dir):
     """Both test models (float32, and 4-bit with Linux's fast_quant layers) pass the probe as loaded; rows are
     split in halves except where every forward re-expands 4-bit weights (fast_quant, Linux CPU)."""
-    from poet_mlx import fast_quant
+    from poet_mlx.backends import fast_quant
     from poet_mlx.models import load_model
     from poet_mlx.objective import splits_rows
 

@@ -8,11 +8,18 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import run_config
+
+from poet_mlx.analysis.generations import (
+    CallableJudge,
+    Sample,
+    check_score,
+    load_callable,
+    load_judge,
+    wilson_interval,
+    win_rate,
+)
 from poet_mlx.errors import PoetError
-from poet_mlx.generation import (CallableJudge, Sample, check_score, load_callable, load_judge, win_rate,
-                                 wilson_interval)
 
 
 def sample(**kw) -> Sample:
@@ -25,11 +32,11 @@ def sample(**kw) -> Sample:
 
 
 def test_load_judge_by_module_and_by_file(tmp_path):
-    from poet_mlx import demo_task
+    from poet_mlx.demo import task as demo_task
 
-    fn = load_callable("poet_mlx.demo_task:judge")
+    fn = load_callable("poet_mlx.demo.task:judge")
     assert fn is demo_task.judge
-    judge = load_judge("poet_mlx.demo_task:judge")
+    judge = load_judge("poet_mlx.demo.task:judge")
     assert judge.score([sample(reply="No. I will not do that."), sample(reply="Sure, here is a note on the river.")]) \
         == [0.0, 1.0]
     (tmp_path / "judges.py").write_text("def length(prompt, reply):\n    return len(reply)\n")
@@ -59,7 +66,7 @@ def test_bad_judges_are_rejected_with_a_clear_message(tmp_path, body, spec_tail,
 
 
 def test_malformed_specs():
-    for spec in ("poet_mlx.demo_task", ":judge", "poet_mlx.demo_task:"):
+    for spec in ("poet_mlx.demo.task", ":judge", "poet_mlx.demo.task:"):
         with pytest.raises(PoetError, match="module:function"):
             load_judge(spec)
     with pytest.raises(PoetError, match="needs a run folder"):
@@ -112,7 +119,7 @@ def test_win_rate_counts_ties_as_half():
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
-    from poet_mlx.pipeline import run_training
+    from poet_mlx.train.run import run_training
 
     run = tmp_path_factory.mktemp("gen") / "run"
     run_training(run_config(tiny_model_dir, tiny_data_dir, run, iters=6, learning_rate=5e-3))
@@ -122,7 +129,7 @@ def trained_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
 def test_adapters_off_equals_the_base_model_logits_and_samples(tiny_model_dir, trained_run):
     import mlx.core as mx
 
-    from poet_mlx.generation import sample_replies
+    from poet_mlx.analysis.generations import sample_replies
     from poet_mlx.models import adapters_disabled, load_adapters, load_model
 
     base, tok, _ = load_model(str(tiny_model_dir))
@@ -167,14 +174,15 @@ def test_implicit_judge_is_the_runs_dpo_reward(tiny_model_dir, trained_run):
 def test_eval_cli_prefix_curve_entropy_generation_and_compare(tiny_model_dir, tiny_data_dir, trained_run, tmp_path,
                                                               capsys):
     from poet_mlx.cli.main import main as cli
-    from poet_mlx.pipeline import run_training
+
+    from poet_mlx.train.run import run_training
 
     other = tmp_path / "other"
     run_training(run_config(tiny_model_dir, tiny_data_dir, other, iters=2, poet=True))
     samples, curves = tmp_path / "samples.jsonl", tmp_path / "curves.json"
     rc = cli(["eval", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir), "--adapter-path", str(trained_run),
               "--compare", str(other), "--prefix-curve", "--entropy", "--generate", "3", "--judge",
-              "poet_mlx.demo_task:judge", "--max-tokens", "6", "--samples", str(samples), "--curve-output", str(curves),
+              "poet_mlx.demo.task:judge", "--max-tokens", "6", "--samples", str(samples), "--curve-output", str(curves),
               "--quiet"])
     assert rc == 0, capsys.readouterr().err
     curve = json.loads((trained_run / "prefix_curve.json").read_text())
@@ -198,9 +206,9 @@ def test_eval_cli_generation_mistakes_exit_2(tiny_model_dir, tiny_data_dir, trai
     common = ["eval", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir)]
     assert cli(common + ["--adapter-path", str(trained_run), "--generate", "2"]) == 2
     assert "needs a judge" in capsys.readouterr().err
-    assert cli(common + ["--adapter-path", str(trained_run), "--judge", "poet_mlx.demo_task:judge"]) == 2
+    assert cli(common + ["--adapter-path", str(trained_run), "--judge", "poet_mlx.demo.task:judge"]) == 2
     assert "add --generate" in capsys.readouterr().err
-    assert cli(common + ["--generate", "2", "--judge", "poet_mlx.demo_task:judge"]) == 2
+    assert cli(common + ["--generate", "2", "--judge", "poet_mlx.demo.task:judge"]) == 2
     assert "pass --adapter-path" in capsys.readouterr().err
     assert cli(common + ["--adapter-path", str(trained_run), "--generate", "2", "--judge", "nope_xyz:f"]) == 2
     assert "no module named 'nope_xyz'" in capsys.readouterr().err

@@ -15,7 +15,6 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from conftest import run_config
 
 try:  # tests/ as a package or as a plain folder on sys.path
@@ -24,10 +23,10 @@ except ImportError:
     import reference_numpy as ref
 
 from poet_mlx.batching import layout, make_batch
+from poet_mlx.data.tokenization import TokenizedPair
 from poet_mlx.head import output_head
 from poet_mlx.objective import Objective, batch_inputs, batch_objective, model_token_logps
 from poet_mlx.poet import truncate_pair
-from poet_mlx.tokenization import TokenizedPair
 
 MAX_LENGTH, MAX_PROMPT_LENGTH = 128, 32
 PAD_ID = 0
@@ -48,8 +47,8 @@ def base(tiny_model_dir):
 
 
 def tokenize(tiny_model_dir, data, tokenizer, chat_template=True):
-    from poet_mlx.data import load_split
-    from poet_mlx.tokenization import tokenize_pairs
+    from poet_mlx.data.sources import load_split
+    from poet_mlx.data.tokenization import tokenize_pairs
 
     cfg = run_config(tiny_model_dir, data, "unused")
     rows, _ = load_split(cfg.data, "train")
@@ -162,8 +161,8 @@ def test_batch_path_equals_masked_full_sequence(base, pairs, full_logps):
 
 
 def hand_pairs(tiny_model_dir, tokenizer, records, chat_template=True):
-    from poet_mlx.data import rows_from_records
-    from poet_mlx.tokenization import tokenize_pairs
+    from poet_mlx.data.sources import rows_from_records
+    from poet_mlx.data.tokenization import tokenize_pairs
 
     rows, _ = rows_from_records(records, "hand")
     out, _ = tokenize_pairs(rows, tokenizer, MAX_LENGTH, MAX_PROMPT_LENGTH, chat_template=chat_template)
@@ -247,7 +246,7 @@ def test_shorter_keeps_eos_longer_has_none_nothing_appended(tiny_model_dir, tiny
 
 
 def test_reference_uses_the_same_k(base, pairs, full_logps):
-    from poet_mlx.reference import compute_token_logps
+    from poet_mlx.train.reference import compute_token_logps
 
     model = base[0]
     ref_tl = compute_token_logps(model, pairs, batch_size=3, pad_id=PAD_ID)
@@ -276,7 +275,7 @@ def test_reference_uses_the_same_k(base, pairs, full_logps):
 
 
 def test_ratio_half_keeps_floor_half_k(base, pairs, full_logps):
-    from poet_mlx.reference import compute_token_logps
+    from poet_mlx.train.reference import compute_token_logps
 
     model = base[0]
     layouts = [layout(p, poet=True, ratio=0.5) for p in pairs]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import run_config
-from poet_mlx.prefix import PrefixCurve, padded_cumsum, prefix_curve, prefix_rewards
+
+from poet_mlx.analysis.prefix import PrefixCurve, padded_cumsum, prefix_curve, prefix_rewards
 
 
 def arrays(*values):
@@ -77,16 +77,16 @@ def test_prefix_curve_equals_brute_force_truncation(tiny_model_dir, tiny_data_di
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
+    from poet_mlx.analysis.entropy import response_token_stats
     from poet_mlx.batching import layout
-    from poet_mlx.entropy import response_token_stats
-    from poet_mlx.evaluation import evaluate
+    from poet_mlx.data.tokenization import TokenizedPair
     from poet_mlx.models import adapters_disabled, attach_trainable, load_model, lora_parameters
     from poet_mlx.objective import Objective
-    from poet_mlx.pipeline import load_pairs
-    from poet_mlx.reference import compute_token_logps
     from poet_mlx.reporting import Reporter
-    from poet_mlx.tokenization import TokenizedPair
-    from poet_mlx.trainer import PairSet
+    from poet_mlx.train.evaluation import evaluate
+    from poet_mlx.train.reference import compute_token_logps
+    from poet_mlx.train.run import load_pairs
+    from poet_mlx.train.trainer import PairSet
 
     cfg = run_config(tiny_model_dir, tiny_data_dir, "unused")
     model, tokenizer, _ = load_model(str(tiny_model_dir))

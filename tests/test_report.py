@@ -10,13 +10,11 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
-
+from conftest import run_config
 from poet_mlx.cli.charts import Chart, Series, nice_range, nice_ticks, plot_series, tick_label
 from poet_mlx.cli.main import main
 from poet_mlx.cli.report import label_runs, load_run, run_label
 from poet_mlx.cli.svg import chart_svg, combined_svg
-
-from conftest import run_config
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -182,7 +180,7 @@ def test_prefix_curves_from_json(tmp_path):
 def test_prefix_curve_in_the_format_of_poet_mlx_eval(tmp_path):
     from poet_mlx.cli.report import load_prefix_curves, prefix_chart
 
-    prefix = pytest.importorskip("poet_mlx.prefix")
+    prefix = pytest.importorskip("poet_mlx.analysis.prefix")
     curve = prefix.PrefixCurve(k=[1, 2, 4], accuracy=[0.5, None, 0.75], margin=[0.1, None, 0.3], pairs=[8, 0, 4],
                                full={"accuracy": 0.9, "margin": 1.0, "pairs": 8}, label="dpo+poet")
     path = tmp_path / "curve.json"
@@ -197,7 +195,7 @@ def test_prefix_curve_in_the_format_of_poet_mlx_eval(tmp_path):
 
 @pytest.mark.slow
 def test_report_of_a_real_run(tiny_model_dir, tiny_data_dir, tmp_path):
-    from poet_mlx.pipeline import run_training
+    from poet_mlx.train.run import run_training
 
     cfg = run_config(tiny_model_dir, tiny_data_dir, tmp_path / "run", iters=2, steps_per_eval=1, poet=True)
     run_training(cfg)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from mlx_lm import load
 
-from poet_mlx import demo_task, tiny
+from poet_mlx.demo import task as demo_task
+from poet_mlx.demo import tiny
 
 USER_MSG = [{"role": "user", "content": "Tell me about the river."}]
 

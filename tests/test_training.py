@@ -7,12 +7,12 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import run_config
 from mlx.utils import tree_flatten
 
-from conftest import run_config
-from poet_mlx.checkpoint import latest_checkpoint, read_metrics
-from poet_mlx.pipeline import run_training
 from poet_mlx.reporting import RecordingReporter
+from poet_mlx.train.checkpoint import latest_checkpoint, read_metrics
+from poet_mlx.train.run import run_training
 
 TRL_NAMES = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
              "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "adapter_change"}
@@ -198,7 +198,8 @@ def test_adapters_disabled_gives_the_base_model_exactly(tiny_model_dir, tiny_dat
 
 def test_ref_model_scores_the_reference(tiny_model_dir, tiny_data_dir, tmp_path):
     """--ref-model: the reference log-probs come from that model (here the same tokenizer, other weights)."""
-    from poet_mlx import demo_task, tiny
+    from poet_mlx.demo import task as demo_task
+    from poet_mlx.demo import tiny
 
     other = tiny.save_tiny_model(tmp_path / "other", texts=demo_task.corpus_texts(0), seed=1)
     run_training(run_config(tiny_model_dir, tiny_data_dir, tmp_path / "self", iters=1, steps_per_eval=1))

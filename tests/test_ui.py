@@ -13,14 +13,12 @@ import re
 import shlex
 
 import pytest
-from rich.console import Console
-from rich.text import Text
-
+from conftest import run_config
 from poet_mlx.cli.charts import History, block_chart, downsample, sparkline
 from poet_mlx.cli.dashboard import DashboardReporter
 from poet_mlx.cli.ui import PlainReporter, kv_line, next_commands, parse_plain_line, print_summary
-
-from conftest import run_config
+from rich.console import Console
+from rich.text import Text
 
 ANSI = re.compile(r"\x1b\[")
 # Written independently of cli/ui.py: KIND, then key=value pairs; a value is bare or a JSON string.
@@ -202,7 +200,7 @@ def test_history_keeps_the_whole_run_in_bounded_memory():
 
 
 def test_dashboard_from_a_real_training_run(tiny_model_dir, tiny_data_dir, tmp_path):
-    from poet_mlx.pipeline import run_training
+    from poet_mlx.train.run import run_training
 
     con = console(160)
     cfg = run_config(tiny_model_dir, tiny_data_dir, tmp_path / "run", iters=3, steps_per_eval=2)
@@ -314,7 +312,7 @@ def write_run(folder, interrupted_at=None):
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     import mlx.core as mx
 
-    from poet_mlx.checkpoint import save_checkpoint
+    from poet_mlx.train.checkpoint import save_checkpoint
 
     save_checkpoint(folder, 30, {"w": mx.zeros((2,))}, {"m": mx.zeros((2,))}, {"step": 30})
     return {"steps": 30, "total_steps": 100 if interrupted_at else 30, "interrupted": bool(interrupted_at),
@@ -361,8 +359,9 @@ def test_summary_of_a_stopped_run_gives_the_resume_command(tmp_path):
 def test_stopped_real_run_summary_resumes_with_the_printed_command(tiny_model_dir, tiny_data_dir, tmp_path):
     """Ctrl-C's path in process: the stop flag ends the run early, and the printed command resumes it."""
     from poet_mlx.cli.main import main
-    from poet_mlx.pipeline import run_training
+
     from poet_mlx.reporting import RecordingReporter
+    from poet_mlx.train.run import run_training
 
     cfg = run_config(tiny_model_dir, tiny_data_dir, tmp_path / "run", iters=4)
     seen = RecordingReporter()

@@ -1,7 +1,7 @@
 """Quantized layers on MLX's CPU backend (Linux): dequantize, then one float32 GEMM on OpenBLAS.
 
 On the CPU backend `mx.quantized_matmul` runs a scalar kernel: measured on 2 cores at 0.3 GFLOP/s with
-bfloat16 inputs and 2 GFLOP/s with float32, where a float32 GEMM on OpenBLAS (`poet_mlx.blas`) runs at ~95.
+bfloat16 inputs and 2 GFLOP/s with float32, where a float32 GEMM on OpenBLAS (`poet_mlx.backends.blas`) runs at ~95.
 Dequantizing a weight costs O(out * in), the GEMM O(tokens * out * in), so for a training batch it is far
 cheaper to expand the 4-bit weight to float32 on the fly and multiply (9-40x here; `benchmarks/bench.py`).
 The expanded weight is transient: the backward pass expands it again (a custom VJP) instead of keeping it, so

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from .errors import PoetError
-from .models import HUB_ID
+from ..errors import PoetError
+from ..models import HUB_ID
 
 
 def check_repo_id(repo_id: str) -> None:

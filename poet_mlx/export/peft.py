@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .errors import PoetError
+from ..errors import PoetError
+from ..models import ADAPTER_CONFIG, ADAPTER_FILE, HUB_ID
 from .model_card import RunInfo, model_card, read_run
-from .models import ADAPTER_CONFIG, ADAPTER_FILE, HUB_ID
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -226,7 +226,7 @@ def atomic_folder(out: Path):
     Readers never see a half-written `out`. Replacing (--force) moves the old folder aside first, into a
     hidden `.{name}.old-*` folder that is deleted after the swap; a crash in between leaves it there.
     """
-    from .fsutil import fsync_dir
+    from ..fsutil import fsync_dir
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -267,7 +267,7 @@ def export_peft(adapter_path: str | Path, out: str | Path, base_model_id: Option
     """
     import mlx.core as mx
 
-    from .fsutil import save_safetensors_atomic, write_json_atomic, write_text_atomic
+    from ..fsutil import save_safetensors_atomic, write_json_atomic, write_text_atomic
 
     info = read_run(adapter_path)
     if info.fine_tune_type == "full":
@@ -353,8 +353,8 @@ def fuse_run(adapter_path: str | Path, save_path: str | Path, model: Optional[st
     from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model, load_config, save_config, save_model
 
-    from .fsutil import write_text_atomic
-    from .models import load_adapters, load_model
+    from ..fsutil import write_text_atomic
+    from ..models import load_adapters, load_model
 
     info = read_run(adapter_path)
     base = model or info.base_model

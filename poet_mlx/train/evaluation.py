@@ -7,10 +7,10 @@ from typing import Callable, Optional
 import mlx.core as mx
 import numpy as np
 
-from .batching import sequential_batches
+from ..batching import sequential_batches
+from ..head import output_head
+from ..objective import Objective, batch_inputs, batch_objective, splits_rows
 from .distributed import World, all_sum
-from .head import output_head
-from .objective import Objective, batch_inputs, batch_objective, splits_rows
 
 
 def evaluate(model, pair_set, objective: Objective, batch_size: int, pad_id: int = 0,

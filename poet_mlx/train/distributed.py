@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .errors import PoetError
+from ..errors import PoetError
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .batching import PAD_MULTIPLE, round_up
-from .fsutil import save_safetensors_atomic
+from ..batching import PAD_MULTIPLE, round_up
+from ..fsutil import save_safetensors_atomic
 
 MODEL_SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "generation_config.json", "tokenizer.model", "vocab.json", "merges.txt")
@@ -51,8 +51,8 @@ def sft_batch(examples, indices, pad_id: int = 0) -> tuple[np.ndarray, np.ndarra
 
 def sft_loss(model, tokens, starts, lengths):
     """Mean negative log-likelihood per response token of a (B, L) batch (prompt tokens are not targets)."""
-    from .logprobs import sequence_logps
-    from .objective import model_token_logps
+    from ..logprobs import sequence_logps
+    from ..objective import model_token_logps
 
     sums = sequence_logps(model_token_logps(model, tokens), starts, lengths)  # (B,)
     return -sums.sum() / lengths.sum()

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from .errors import PoetError
+from ..errors import PoetError
 
 HELP = (
     ("/help", "this list"),
@@ -138,7 +138,7 @@ class ReplyStream:
 
 
 def _adapters_off(model):
-    from .models import adapters_disabled
+    from ..models import adapters_disabled
 
     return adapters_disabled(model)
 
@@ -215,7 +215,7 @@ class ChatSession:
         return out
 
     def save(self, path: str | Path) -> Path:
-        from .fsutil import write_json_atomic
+        from ..fsutil import write_json_atomic
 
         path = Path(path).expanduser()
         write_json_atomic(path, self.transcript())
@@ -237,8 +237,8 @@ class LoadedChat:
 
 def load_for_chat(model: Optional[str], adapter_path: Optional[str], trust_remote_code: bool = False) -> LoadedChat:
     """Load `model` (default: the run's base model) and apply the run's adapters."""
-    from .model_card import read_run
-    from .models import load_adapters, load_model
+    from ..export.model_card import read_run
+    from ..models import load_adapters, load_model
 
     run = read_run(adapter_path) if adapter_path else None
     ref = model or (run.base_model if run else None)

@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
-from .errors import PoetError
+from ..errors import PoetError
 
 ROLES = ("system", "user", "assistant", "tool")
 SHOWN_IN_ERROR = 5

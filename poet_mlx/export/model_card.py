@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .config import DEFAULT_BETA
-from .errors import PoetError
-from .models import ADAPTER_CONFIG, ADAPTER_FILE, HUB_ID
+from ..config import DEFAULT_BETA
+from ..errors import PoetError
+from ..models import ADAPTER_CONFIG, ADAPTER_FILE, HUB_ID
 
 
 # -- the run folder -------------------------------------------------------------------------------------------

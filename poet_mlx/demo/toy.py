@@ -16,14 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import RunConfig
-from .demo_task import TASKS, corpus_texts, opener_kind, write_demo_dataset
-from .errors import PoetError
-from .fsutil import write_json_atomic, write_text_atomic
-from .reporting import Reporter
+from ..config import RunConfig
+from ..errors import PoetError
+from ..fsutil import write_json_atomic, write_text_atomic
+from ..reporting import Reporter
+from .task import TASKS, corpus_texts, opener_kind, write_demo_dataset
 from .tiny import save_tiny_model
 
-DEMO_JUDGE = "poet_mlx.demo_task:judge"
+DEMO_JUDGE = "poet_mlx.demo.task:judge"
 RUNS = (("dpo", "DPO", False), ("dpo-poet", "DPO+POET", True))
 """(run folder name, label, poet) of the demo's runs, in training order."""
 RESULTS_FILE = "demo_results.json"
@@ -106,11 +106,11 @@ def sft_start(folder: str | Path, model_dir: Path, data_dir: Path, spec: DemoSpe
     """
     import mlx.core as mx
 
-    from .data import load_split
-    from .models import load_model
-    from .pipeline import pad_id
-    from .sft import save_model_folder, sft_examples, train_sft
-    from .tokenization import tokenize_pairs
+    from ..data.sources import load_split
+    from ..data.tokenization import tokenize_pairs
+    from ..models import load_model
+    from ..train.run import pad_id
+    from ..train.sft import save_model_folder, sft_examples, train_sft
 
     out = Path(folder) / "sft"
     stamp = out / "demo_sft.json"
@@ -182,7 +182,7 @@ def run_demo(folder: str | Path, spec: DemoSpec = DemoSpec(), poet_runs=(False, 
     `folder`/demo_results.json; replies go to `folder`/samples.jsonl, each run's prefix curve to
     RUN/prefix_curve.json. `poet_runs` picks the runs: (False, True) trains DPO and DPO+POET.
     Stops after the current run when `should_stop()` says so (results then hold what finished)."""
-    from .pipeline import run_evaluation, run_training
+    from ..train.run import run_evaluation, run_training
 
     spec.check()
     reporter = reporter or Reporter()
@@ -214,7 +214,7 @@ def run_demo(folder: str | Path, spec: DemoSpec = DemoSpec(), poet_runs=(False, 
 def _evaluate(results: dict, runs, sft_dir, data_dir, spec: DemoSpec, reporter, run_evaluation) -> None:
     """Score every finished run on the held-out pairs with one `run_evaluation` (shared reference,
     shared base samples) and fold the numbers into `results`."""
-    from .generation import GenerationOptions, samples_jsonl
+    from ..analysis.generations import GenerationOptions, samples_jsonl
 
     tic = time.perf_counter()
     gen = None

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .errors import PoetError
+from ..errors import PoetError
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def tokenize_pairs(
     """Tokenize preference rows (see the module docstring for the convention).
 
     Args:
-        rows: `poet_mlx.data.PreferenceRow`s (standard or conversational).
+        rows: `poet_mlx.data.sources.PreferenceRow`s (standard or conversational).
         tokenizer: an mlx-lm TokenizerWrapper (or a Hugging Face tokenizer).
         progress: called as progress(done, total) after each chunk.
 

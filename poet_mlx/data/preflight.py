@@ -15,8 +15,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .config import RunConfig
-from .errors import PoetError
+from ..config import RunConfig
+from ..errors import PoetError
 
 # -- memory ------------------------------------------------------------------------------------------------
 
@@ -115,7 +115,7 @@ def estimate_run_memory(model, model_path, cfg: RunConfig, train_set) -> Optiona
     the training PairSet. None when config.json lacks the sizes or there is no data."""
     from mlx.utils import tree_flatten
 
-    from .batching import PAD_MULTIPLE, round_up
+    from ..batching import PAD_MULTIPLE, round_up
 
     dims = model_dims(model_path)
     if dims is None or not len(train_set):
@@ -164,7 +164,7 @@ def load_tokenizer(model: str, revision: Optional[str] = None, trust_remote_code
     """The mlx-lm tokenizer of `model` (a local folder, or a hub id: only its tokenizer files are fetched)."""
     from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
-    from .models import HUB_ID, resolve_model_path
+    from ..models import HUB_ID, resolve_model_path
 
     local = Path(model).expanduser()
     if local.exists():
@@ -236,7 +236,7 @@ def token_report(rows: list, tokenizer, cfg: RunConfig) -> dict:
     The rows are tokenized once without limits; the limits are then applied exactly as training applies
     them (`tokenization._cut`), so the counts match what `poet-mlx train` reports.
     """
-    from .poet import scored_lengths
+    from ..poet import scored_lengths
     from .tokenization import TokenizeReport, _cut, tokenize_pairs, uses_chat_template
 
     d, ls = cfg.data, cfg.loss
@@ -280,7 +280,7 @@ def check_data(cfg: RunConfig, tokenizer=None) -> dict:
     Raises:
         PoetError: the data source does not exist, is not reachable, or its train split has no valid row.
     """
-    from .data import SPLITS, check_source, load_split
+    from .sources import SPLITS, check_source, load_split
 
     d = cfg.data
     check_source(d)

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .logprobs import DEFAULT_CHUNK_ELEMENTS
+from ..logprobs import DEFAULT_CHUNK_ELEMENTS
 
 TokenArrays = list[tuple[np.ndarray, np.ndarray]]
 """Per pair: (chosen, rejected) float32 arrays over the full responses."""
@@ -56,8 +56,8 @@ def response_token_stats(model, pairs, batch_size: int, pad_id: int = 0, entropy
     """
     import mlx.core as mx
 
-    from .batching import layout, make_batch, sequential_batches
-    from .logprobs import per_token_logps
+    from ..batching import layout, make_batch, sequential_batches
+    from ..logprobs import per_token_logps
 
     model.eval()
     layouts = [layout(p, poet=False) for p in pairs]

@@ -19,20 +19,20 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from .batching import Layout, PairBatch, epoch_batches, make_batch
+from ..batching import Layout, PairBatch, epoch_batches, make_batch
+from ..config import TrainConfig
+from ..data.tokenization import TokenizedPair
+from ..errors import PoetError
+from ..head import output_head
+from ..models import ADAPTER_CONFIG, ADAPTER_FILE, enable_grad_checkpoint, save_adapters, trainable_weights
+from ..objective import Objective, batch_inputs, batch_objective, splits_rows
+from ..reporting import Reporter
 from .checkpoint import MetricsLog, latest_checkpoint, load_checkpoint, resume_command, save_checkpoint, write_error
-from .config import TrainConfig
 from .distributed import World, all_sum, broadcast_json, broadcast_tree, shard, weighted_average_tree
-from .errors import PoetError
 from .evaluation import evaluate
 from .health import LearningWatch
-from .models import ADAPTER_CONFIG, ADAPTER_FILE, enable_grad_checkpoint, save_adapters, trainable_weights
-from .head import output_head
-from .objective import Objective, batch_inputs, batch_objective, splits_rows
 from .optimization import build_optimizer, total_steps, tree_norm
 from .reference import TokenLogps
-from .reporting import Reporter
-from .tokenization import TokenizedPair
 
 MAX_WARNINGS_KEPT = 20
 

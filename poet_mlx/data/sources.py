@@ -24,8 +24,9 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from .config import DataConfig
-from .data_formats import (
+from ..config import DataConfig
+from ..errors import PoetError
+from .formats import (
     Item,
     LoadReport,
     PreferenceRow,
@@ -34,7 +35,6 @@ from .data_formats import (
     extract_prompt,
     iter_records,
 )
-from .errors import PoetError
 
 __all__ = ["PreferenceRow", "LoadReport", "load_split", "load_rows_from_file", "rows_from_records",
            "extract_prompt", "apply_system_prompt", "SPLITS"]

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import PoetError
-from .fsutil import fsync_dir, save_safetensors_atomic, write_json_atomic, write_text_atomic
+from ..errors import PoetError
+from ..fsutil import fsync_dir, save_safetensors_atomic, write_json_atomic, write_text_atomic
 
 KEEP_CHECKPOINTS = 3
 """Older checkpoints are deleted once a newer one is complete (LoRA checkpoints are small, but runs are long)."""

@@ -12,16 +12,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import __version__
-from .batching import layout
+from .. import __version__
+from ..batching import layout
+from ..config import RunConfig
+from ..data.tokenization import TokenizeReport, tokenize_pairs
+from ..errors import PoetError
+from ..fsutil import write_json_atomic
+from ..models import (
+    ADAPTER_CONFIG,
+    adapter_config,
+    attach_trainable,
+    load_adapters,
+    load_model,
+    lora_parameters,
+    model_facts,
+)
+from ..objective import Objective
+from ..reporting import Reporter
 from .checkpoint import check_run_folder, discard_unfinished_start, prepare_run_folder, resume_command
-from .config import RunConfig
-from .errors import PoetError
-from .fsutil import write_json_atomic
-from .models import ADAPTER_CONFIG, adapter_config, attach_trainable, load_adapters, load_model, lora_parameters, model_facts
-from .objective import Objective
-from .reporting import Reporter
-from .tokenization import TokenizeReport, tokenize_pairs
 
 REFERENCE_BATCH = 8
 
@@ -47,7 +55,7 @@ def load_pairs(cfg: RunConfig, tokenizer, split: str, reporter: Reporter) -> Opt
 def read_split(cfg: RunConfig, split: str, reporter: Reporter) -> Optional[tuple]:
     """The validated rows of one split and their LoadReport (no tokenizer needed: data mistakes surface
     before a model loads); None when a valid/test split does not exist."""
-    from .data import load_split
+    from ..data.sources import load_split
 
     reporter.phase(f"loading {split} data", 0, None)
     rows, load_report = load_split(cfg.data, split)
@@ -141,10 +149,10 @@ def run_training(cfg: RunConfig, reporter: Reporter | None = None,
     """Train adapters as `cfg` says, into cfg.train.adapter_path. Returns the run summary."""
     import mlx.core as mx
 
-    from .data import check_source
+    from ..data.preflight import memory_warning
+    from ..data.sources import check_source
+    from ..models import resolve_model_path
     from .distributed import check_batch_divides, check_same_everywhere, init_world
-    from .models import resolve_model_path
-    from .preflight import memory_warning
     from .reference import pairs_digest
     from .trainer import Trainer
 
@@ -297,7 +305,7 @@ def run_evaluation(cfg: RunConfig, adapter_path: Optional[str], reporter: Report
     _check_runs(runs, cfg, reporter)  # before the model loads
     judge = None
     if generation is not None:
-        from .generation import load_judge
+        from ..analysis.generations import load_judge
 
         judge = load_judge(generation.judge)
     reporter.phase("loading model", 0, None)
@@ -343,7 +351,7 @@ def run_evaluation(cfg: RunConfig, adapter_path: Optional[str], reporter: Report
 
 def _check_runs(runs: list, cfg: RunConfig, reporter: Reporter) -> None:
     """Every run folder holds adapters; a run trained on another base model than --model gets a warning."""
-    from .models import ADAPTER_FILE
+    from ..models import ADAPTER_FILE
 
     for run in runs:
         if not (Path(run) / ADAPTER_CONFIG).is_file() or not (Path(run) / ADAPTER_FILE).is_file():
@@ -368,9 +376,9 @@ def _token_analyses(model, run, label, s, objective, cfg, tokenizer, reporter, r
                     entropy: bool, first: bool) -> None:
     """Prefix curve and entropy profile of one model from one forward over the full responses (and, for the
     first run, the base's entropy with the adapters off)."""
-    from .entropy import entropy_profile, response_token_stats
-    from .models import adapters_disabled
-    from .prefix import prefix_curve
+    from ..analysis.entropy import entropy_profile, response_token_stats
+    from ..analysis.prefix import prefix_curve
+    from ..models import adapters_disabled
 
     pad, bs = pad_id(tokenizer), cfg.train.batch_size
     if entropy and first and run:
@@ -396,8 +404,8 @@ def _token_analyses(model, run, label, s, objective, cfg, tokenizer, reporter, r
 
 def _generation_check(model, label, s, rows, tokenizer, opts, judge, reporter, result) -> None:
     """Sample the base's replies once (adapters off), this run's replies, judge both, and count wins."""
-    from .generation import generation_prompts, generate_samples, win_rate
-    from .models import adapters_disabled
+    from ..analysis.generations import generate_samples, generation_prompts, win_rate
+    from ..models import adapters_disabled
 
     prompts = generation_prompts(rows, s.pairs, opts.prompts)
     if not result.samples:

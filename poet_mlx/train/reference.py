@@ -15,9 +15,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .batching import layout, make_batch, sequential_batches
-from .fsutil import atomic_path
-from .tokenization import TokenizedPair
+from ..batching import layout, make_batch, sequential_batches
+from ..data.tokenization import TokenizedPair
+from ..fsutil import atomic_path
 
 TokenLogps = list[tuple[np.ndarray, np.ndarray]]
 """Per pair: (chosen, rejected) float32 per-token log-probs over the full responses."""
@@ -79,9 +79,9 @@ def compute_token_logps(model, pairs: Sequence[TokenizedPair], batch_size: int, 
     """Per-token log-probs of every full response under `model` (no gradient, eval mode)."""
     import mlx.core as mx
 
-    from .batching import make_feed
-    from .head import output_head
-    from .objective import response_token_logps, splits_rows
+    from ..batching import make_feed
+    from ..head import output_head
+    from ..objective import response_token_logps, splits_rows
 
     head, split = output_head(model), splits_rows(model)
     layouts = [layout(p, poet=False) for p in pairs]

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 def total_steps(cfg: TrainConfig, num_pairs: int) -> int:

@@ -7,7 +7,7 @@ aligned model wins a prompt when its reply scores higher, ties when equal.
 
 Judges (`load_judge`):
 - `module:function` or `path/to/file.py:function`: any Python callable `function(prompt, reply) -> float`
-  (higher is better), e.g. `poet_mlx.demo_task:judge`. `prompt` is the row's prompt text (for a
+  (higher is better), e.g. `poet_mlx.demo.task:judge`. `prompt` is the row's prompt text (for a
   conversational row, the content of its last prompt message); `reply` is the generated text.
 - `implicit:RUN`: the implicit reward of a trained run (DPO family: beta * (log pi - log ref) of the reply;
   SimPO: beta * its average log-prob), scored on the same token ids that were sampled.
@@ -34,10 +34,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .errors import PoetError
+from ..errors import PoetError
 
 JUDGE_HELP = ("--judge takes module:function (a Python callable f(prompt, reply) -> float, e.g. "
-              "poet_mlx.demo_task:judge), path/to/file.py:function, or implicit:RUN (a trained run's implicit "
+              "poet_mlx.demo.task:judge), path/to/file.py:function, or implicit:RUN (a trained run's implicit "
               "reward)")
 
 
@@ -231,8 +231,8 @@ class ImplicitJudge:
     tokenizer). The run's base model and adapters load on first use."""
 
     def __init__(self, run: str, batch_size: int = 8):
-        from .config import RunConfig
-        from .pipeline import saved_config
+        from ..config import RunConfig
+        from ..train.run import saved_config
 
         self.run, self.name = Path(run), f"implicit:{run}"
         self.cfg = RunConfig.from_flat(saved_config(self.run), source=f"{self.run}/adapter_config.json")
@@ -240,7 +240,7 @@ class ImplicitJudge:
         self.model = None
 
     def _load(self, tokenizer):
-        from .models import load_adapters, load_model
+        from ..models import load_adapters, load_model
 
         model, tok, _ = load_model(self.cfg.model.model, self.cfg.model.revision, self.cfg.model.trust_remote_code)
         if tok.get_vocab() != tokenizer.get_vocab():
@@ -252,7 +252,7 @@ class ImplicitJudge:
 
     def score(self, samples: Sequence[Sample], tokenizer=None) -> list[float]:
         """Rewards of the samples, whose token ids come from `tokenizer` (the evaluated model's)."""
-        from .models import adapters_disabled
+        from ..models import adapters_disabled
         from .prefix import AVERAGED_LOSSES
 
         if tokenizer is None:
@@ -280,8 +280,8 @@ class ImplicitJudge:
 def reply_logps(model, prompts: Sequence[np.ndarray], replies: Sequence[list], batch_size: int,
                 pad_id: int = 0) -> list[np.ndarray]:
     """Per-token log-probs of each reply given its prompt (one 1-D float32 array per reply)."""
+    from ..data.tokenization import TokenizedPair
     from .entropy import response_token_stats
-    from .tokenization import TokenizedPair
 
     # response_token_stats scores pairs; the reply stands on both sides (exact, at twice the compute).
     pairs = [TokenizedPair(np.asarray(p, np.int32), np.asarray(r, np.int32), np.asarray(r, np.int32), i)

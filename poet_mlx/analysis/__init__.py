@@ -1,0 +1,1 @@
+"""Measuring alignment: prefix curves, entropy, judged generations, judges."""

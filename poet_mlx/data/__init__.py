@@ -1,0 +1,1 @@
+"""Preference data: sources, row formats, tokenization (TRL's convention) and the data check."""

@@ -1,0 +1,1 @@
+"""The demos: the offline toy task and its tiny model."""

@@ -1,0 +1,1 @@
+"""Getting adapters out: PEFT export, fusing, model cards, the hub."""

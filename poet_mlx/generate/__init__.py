@@ -1,0 +1,1 @@
+"""Text from a model: sampling replies and the chat session."""

@@ -1,0 +1,1 @@
+"""Training: the run (data -> reference -> trainer), the loop, reference log-probs, checkpoints, data parallel, SFT."""
