@@ -74,24 +74,24 @@ def _prepare(spec: dict):
     """Model with LoRA attached, tokenized pairs, layouts, and (DPO) reference per-token log-probs."""
     import mlx.core as mx
 
+    from poet_mlx.adapters import attach_trainable, lora_parameters
     from poet_mlx.batching import layout
-    from poet_mlx.config import DataConfig
+    from poet_mlx.config import DataConfig, LossConfig
     from poet_mlx.data.sources import load_split
     from poet_mlx.data.tokenization import tokenize_pairs
-    from poet_mlx.models import attach_trainable, load_model, lora_parameters
-    from poet_mlx.objective import Objective
-    from poet_mlx.train.reference import compute_token_logps
+    from poet_mlx.models import load_model
+    from poet_mlx.scoring import pair_token_logps
 
     dcfg = DataConfig(data=spec["data"], max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"])
     rows, _ = load_split(dcfg, "train")
     model, tokenizer, path = load_model(spec["model"])
     pairs, _ = tokenize_pairs(rows, tokenizer, dcfg.max_length, dcfg.max_prompt_length)
-    objective = Objective(loss=spec["loss"], beta=0.1 if spec["loss"] != "simpo" else 2.0)
+    objective = LossConfig(loss=spec["loss"], beta=0.1 if spec["loss"] != "simpo" else 2.0)
     layouts = [layout(p, spec["poet"], 1.0, objective.needs_full_chosen) for p in pairs]
     pad_id = tokenizer.pad_token_id or 0
     ref = None
     if objective.needs_reference and not set(spec["variant"].split("+")) & {"second_model", "peer_like"}:
-        ref = compute_token_logps(model, pairs, 8, pad_id)
+        ref = pair_token_logps(model, pairs, 8, pad_id)[0]
     mx.random.seed(0)
     attach_trainable(model, "lora", spec["num_layers"], lora_parameters(8, 20.0, 0.0, None))
     return model, path, pairs, layouts, ref, objective, pad_id
@@ -129,9 +129,9 @@ def run_variant(spec: dict) -> dict:
     import mlx.optimizers as optim
     import numpy as np
 
+    from poet_mlx.adapters import enable_grad_checkpoint
     from poet_mlx.batching import epoch_batches, make_batch, make_feed, padding_fraction
     from poet_mlx.head import output_head
-    from poet_mlx.models import enable_grad_checkpoint
     from poet_mlx.objective import batch_inputs
 
     model, path, pairs, layouts, ref, objective, pad_id = _prepare(spec)

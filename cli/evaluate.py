@@ -55,7 +55,8 @@ def add_analysis_flags(p: argparse.ArgumentParser) -> None:
 
 def generation_options(args):
     """GenerationOptions from the flags, or None without --generate; PoetError for an incomplete request."""
-    from poet_mlx.analysis.generations import JUDGE_HELP, GenerationOptions
+    from poet_mlx.analysis.generations import GenerationOptions
+    from poet_mlx.analysis.judges import JUDGE_HELP
     from poet_mlx.errors import PoetError
 
     if args.judge and not args.generate:
@@ -75,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _eval(args) -> int:
+    from poet_mlx.analysis.evaluate import run_evaluation
     from poet_mlx.fsutil import write_text_atomic
-    from poet_mlx.train.run import run_evaluation, saved_config
+    from poet_mlx.train.checkpoint import saved_config
 
     generation = generation_options(args)
     first_run = args.run_path or (args.compare[0] if args.compare else None)

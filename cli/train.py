@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args) -> int:
     from poet_mlx.config import TrainConfig
     from poet_mlx.errors import PoetError
-    from poet_mlx.train.run import run_training, saved_config
+    from poet_mlx.train.checkpoint import saved_config
+    from poet_mlx.train.run import run_training
 
     if getattr(args, "resume", False):
         # A resumed run takes its settings from its folder; model and data need not be given again.

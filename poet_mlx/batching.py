@@ -54,6 +54,19 @@ def layout(pair: TokenizedPair, poet: bool, ratio: float = 1.0, full_chosen: boo
     return Layout(len(pair.prompt), n_c if full_chosen else score_c, score_r, score_c, score_r)
 
 
+TokenLogps = list[tuple[np.ndarray, np.ndarray]]
+"""Per pair: (chosen, rejected) float32 per-token log-probs over the full responses (`scoring`)."""
+
+
+def pad_rows(rows: Sequence[np.ndarray], pad_id: int = 0, pad_multiple: int = PAD_MULTIPLE) -> np.ndarray:
+    """1-D token rows -> (N, L) int32, right-padded with `pad_id` to L = the longest rounded up to
+    `pad_multiple` (few distinct widths, so compiled steps are reused)."""
+    tokens = np.full((len(rows), round_up(max(len(r) for r in rows), pad_multiple)), pad_id, dtype=np.int32)
+    for j, r in enumerate(rows):
+        tokens[j, : len(r)] = r
+    return tokens
+
+
 @dataclass
 class PairBatch:
     """Arrays for one forward over [chosen; rejected] (numpy; the trainer moves them to MLX).
@@ -99,13 +112,8 @@ def make_batch(pairs: Sequence[TokenizedPair], indices: Sequence[int], layouts: 
             keep.append(n_keep)
             if ref_token_logps is not None:
                 ref.append(float(ref_token_logps[i][0 if side == "chosen" else 1][:n_score].sum()))
-    width = max(len(r) for r in rows)
-    width = round_up(width, pad_multiple)
-    tokens = np.full((len(rows), width), pad_id, dtype=np.int32)
-    for j, r in enumerate(rows):
-        tokens[j, : len(r)] = r
     return PairBatch(
-        tokens=tokens,
+        tokens=pad_rows(rows, pad_id, pad_multiple),
         starts=np.asarray(starts, np.int32),
         score_lens=np.asarray(score, np.int32),
         keep_lens=np.asarray(keep, np.int32),
@@ -158,15 +166,26 @@ def row_groups(lengths: np.ndarray) -> list[np.ndarray]:
 
 def make_feed(batch: PairBatch, pad_multiple: int = PAD_MULTIPLE, split: bool = True) -> Feed:
     """The Feed of `batch`; `split=False` keeps all rows in one group (the plain (2B, L) array)."""
-    lengths = batch.starts + 1 + batch.keep_lens  # (2B,) real tokens per row
+    return feed_rows(batch.tokens, batch.starts, batch.keep_lens, pad_multiple, split)
+
+
+def feed_rows(tokens: np.ndarray, starts: np.ndarray, keep_lens: np.ndarray, pad_multiple: int = PAD_MULTIPLE,
+              split: bool = True) -> Feed:
+    """The Feed of right-padded rows.
+
+    Args:
+        tokens: (N, L) int32; starts: (N,) target position of each row's first response token;
+        keep_lens: (N,) response tokens present in each row (the packed positions cover exactly these).
+    """
+    lengths = starts + 1 + keep_lens  # (N,) real tokens per row
     groups = row_groups(lengths) if split else [np.arange(len(lengths))]
     arrays, positions, rows, offsets, base = [], [], [], [], 0
     for members in groups:
         width = round_up(int(lengths[members].max()), pad_multiple)
-        arrays.append(np.ascontiguousarray(batch.tokens[members, :width]))
+        arrays.append(np.ascontiguousarray(tokens[members, :width]))
         for j, r in enumerate(members):
-            n = int(batch.keep_lens[r])
-            positions.append(base + j * (width - 1) + int(batch.starts[r]) + np.arange(n))
+            n = int(keep_lens[r])
+            positions.append(base + j * (width - 1) + int(starts[r]) + np.arange(n))
             rows.append(np.full(n, r))
             offsets.append(np.arange(n))
         base += len(members) * (width - 1)
@@ -205,3 +224,35 @@ def sequential_batches(lengths: Sequence[int], batch_size: int) -> list[list[int
 def padding_fraction(batch: PairBatch, split: bool = True) -> float:
     """Share of the tokens fed to the model (`make_feed`'s groups) that is padding."""
     return 1.0 - batch.real_tokens / make_feed(batch, split=split).fed_tokens
+
+
+@dataclass
+class PairSet:
+    """Tokenized pairs with their POET layouts and (DPO) reference per-token log-probs."""
+
+    pairs: Sequence[TokenizedPair]
+    layouts: Sequence[Layout]
+    ref: Optional[TokenLogps] = None
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def batch(self, indices, pad_id: int) -> PairBatch:
+        return make_batch(self.pairs, indices, self.layouts, self.ref, pad_id=pad_id)
+
+
+def pair_set(pairs: Sequence[TokenizedPair], loss) -> PairSet:
+    """A PairSet of `pairs` with the POET layouts of `loss` (a `config.LossConfig`); reference filled in later."""
+    layouts = [layout(p, loss.poet, loss.poet_ratio, loss.needs_full_chosen) for p in pairs]
+    return PairSet(pairs, layouts)
+
+
+def poet_stats(pair_sets) -> dict:
+    """Response tokens per pair without and with the cut: what POET saves on this data."""
+    full = sum(len(p.chosen) + len(p.rejected) for s in pair_sets for p in s.pairs)
+    kept = sum(lay.keep_chosen + lay.keep_rejected for s in pair_sets for lay in s.layouts)
+    cut = sum(1 for s in pair_sets for p, lay in zip(s.pairs, s.layouts)
+              if lay.keep_chosen < len(p.chosen) or lay.keep_rejected < len(p.rejected))
+    n = max(1, sum(len(s) for s in pair_sets))
+    return {"pairs_cut_by_poet": cut, "response_tokens_per_pair": full / n,
+            "scored_tokens_per_pair": kept / n, "poet_token_saving": 1.0 - kept / max(1, full)}

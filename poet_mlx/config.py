@@ -78,6 +78,11 @@ class LossConfig:
     def needs_reference(self) -> bool:
         return self.loss != "simpo"
 
+    @property
+    def needs_full_chosen(self) -> bool:
+        """SimPO's SFT term scores the whole chosen response, even when POET cuts the preference term."""
+        return self.loss == "simpo" and self.sft_weight > 0
+
 
 @dataclass
 class DataConfig:

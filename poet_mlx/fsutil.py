@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never half of one."""
+"""Files: atomic writes (a reader, or a crash, sees the old file or the new one, never half of one) and the
+cache folder."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def cache_root() -> Path:
+    """poet-mlx's cache folder: $POET_MLX_CACHE, else ~/.cache/poet-mlx (reference log-probs, the BLAS shim,
+    converted models)."""
+    return Path(os.environ.get("POET_MLX_CACHE", Path.home() / ".cache" / "poet-mlx"))
 
 
 def fsync_dir(path: Path) -> None:

@@ -93,3 +93,22 @@ def sequence_logps(token_logps: mx.array, starts: mx.array, lengths: mx.array) -
     """
     mask = span_mask(starts, lengths, token_logps.shape[1])
     return mx.where(mask, token_logps, 0.0).sum(axis=1)
+
+
+def token_entropy(logits, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+    """Entropy (nats) of softmax(logits) at every position.
+
+    Args:
+        logits: (N, T, V) mx.array, any float dtype.
+
+    Returns:
+        (N, T) float32 mx.array: H = logsumexp(l) - sum_v softmax(l)_v * l_v.
+    """
+    n, t, v = logits.shape
+    step = max(1, min(t, chunk_elements // max(1, n * v)))
+    parts = []
+    for s in range(0, t, step):
+        chunk = logits[:, s : s + step].astype(mx.float32)  # (N, c, V)
+        lse = mx.logsumexp(chunk, axis=-1, keepdims=True)  # (N, c, 1)
+        parts.append(lse[..., 0] - (mx.exp(chunk - lse) * chunk).sum(axis=-1))
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)

@@ -4,12 +4,10 @@ Kept apart from the trainer so that training, evaluation and tests share exactly
 
 The forward runs the model's trunk on the batch's row groups (`batching.Feed`), gathers the hidden states of
 the response positions into one packed (R, D) array and applies the output head there only (`head.py`); with
-no verified head it computes the full logits and gathers the log-probs instead (same numbers, more work).
+no verified head it computes the full logits and gathers them at those positions (same numbers, more work).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -20,53 +18,35 @@ from .logprobs import per_token_logps
 from .losses import PairLogps, pair_metrics, preference_loss, sft_nll
 
 
-@dataclass(frozen=True)
-class Objective:
-    """The loss settings (python constants, so a compiled step closes over them)."""
-
-    loss: str = "dpo"
-    beta: float = 0.1
-    gamma_beta_ratio: float = 0.5
-    label_smoothing: float = 0.0
-    sft_weight: float = 0.0
-
-    @classmethod
-    def from_config(cls, cfg: LossConfig) -> "Objective":
-        return cls(cfg.loss, cfg.resolved_beta, cfg.gamma_beta_ratio, cfg.label_smoothing, cfg.sft_weight)
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.loss != "simpo"
-
-    @property
-    def needs_full_chosen(self) -> bool:
-        """SimPO's SFT term scores the whole chosen response, even when POET cuts the preference term."""
-        return self.loss == "simpo" and self.sft_weight > 0
-
-
 def model_token_logps(model, tokens: mx.array) -> mx.array:
     """(N, L) tokens -> (N, L-1) log-probs of tokens[:, 1:] under the model."""
     logits = model(tokens[:, :-1])  # (N, L-1, V)
     return per_token_logps(logits, tokens[:, 1:])
 
 
-def response_token_logps(model, groups, positions, head=None) -> mx.array:
-    """Log-probs of the packed response targets.
+def packed_logits(model, groups, positions, head=None) -> mx.array:
+    """Logits at the packed response positions.
 
     Args:
         groups: tuple of (n_g, L_g) int32 token arrays (`batching.Feed.groups`).
         positions: (R,) int32 flat indices into the groups' concatenated (n_g, L_g - 1) target grids.
-        head: the model's verified output head (`head.output_head`), or None for the full forward.
+        head: the model's verified output head (`head.output_head`): only the R gathered hidden states go
+            through it. None: the full forward, whose (n_g, L_g - 1, V) logits are gathered afterwards.
 
     Returns:
-        (R,) float32.
+        (R, V) logits in the model's dtype.
     """
     if head is None:
-        return mx.concatenate([model_token_logps(model, g).reshape(-1) for g in groups])[positions]
-    targets = mx.concatenate([g[:, 1:].reshape(-1) for g in groups])[positions]  # (R,)
+        logits = [model(g[:, :-1]) for g in groups]  # (n_g, L_g - 1, V) each
+        return mx.concatenate([x.reshape(-1, x.shape[-1]) for x in logits])[positions]
     hidden = [model.model(g[:, :-1]) for g in groups]  # (n_g, L_g - 1, D) each
-    packed = mx.concatenate([h.reshape(-1, h.shape[-1]) for h in hidden])[positions]  # (R, D)
-    return per_token_logps(head(packed)[None], targets[None])[0]
+    return head(mx.concatenate([h.reshape(-1, h.shape[-1]) for h in hidden])[positions])  # (R, V)
+
+
+def response_token_logps(model, groups, positions, head=None) -> mx.array:
+    """(R,) float32 log-probs of the packed response targets (arguments as `packed_logits`)."""
+    targets = mx.concatenate([g[:, 1:].reshape(-1) for g in groups])[positions]  # (R,)
+    return per_token_logps(packed_logits(model, groups, positions, head)[None], targets[None])[0]
 
 
 def row_sums(values: mx.array, rows: mx.array, offsets: mx.array, lengths: mx.array) -> mx.array:
@@ -103,7 +83,7 @@ def batch_inputs(batch: PairBatch, split: bool = True) -> tuple:
 
 
 def batch_objective(model, groups, positions, rows, offsets, score_lens, keep_lens, ref_logps,
-                    objective: Objective, head=None):
+                    objective: LossConfig, head=None):
     """Loss and per-pair metrics for one batch.
 
     Args:
@@ -128,7 +108,7 @@ def batch_objective(model, groups, positions, rows, offsets, score_lens, keep_le
         reference_rejected=ref_logps[b:],
     )
     losses, chosen_rewards, rejected_rewards = preference_loss(
-        objective.loss, pairs, objective.beta, objective.gamma_beta_ratio, objective.label_smoothing
+        objective.loss, pairs, objective.resolved_beta, objective.gamma_beta_ratio, objective.label_smoothing
     )
     metrics = pair_metrics(pairs, losses, chosen_rewards, rejected_rewards)
     if objective.needs_full_chosen:

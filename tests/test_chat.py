@@ -87,8 +87,8 @@ def test_compare_answers_with_base_and_aligned(loaded):
     """Greedy replies must equal mlx-lm's own generation without and with the adapters."""
     from mlx_lm import generate
 
+    from poet_mlx.adapters import adapters_disabled
     from poet_mlx.generate.chat import encode_messages
-    from poet_mlx.models import adapters_disabled
 
     s = session(loaded, compare=True)
     streams = s.ask("Tell me about the ocean.")

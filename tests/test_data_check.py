@@ -55,12 +55,11 @@ def test_problems_duplicates_and_identical_pairs_are_counted(tmp_path, capsys):
 
 def test_token_counts_match_what_training_does(tiny_model_dir, tiny_data_dir, capsys):
     """With --model, the cut/drop/POET counts are those of the training pipeline on the same settings."""
+    from poet_mlx.batching import pair_set, poet_stats
     from poet_mlx.config import RunConfig
     from poet_mlx.data.sources import load_split
     from poet_mlx.data.tokenization import tokenize_pairs
     from poet_mlx.models import load_model
-    from poet_mlx.objective import Objective
-    from poet_mlx.train.run import pair_set, poet_stats
 
     limits = ["--max-length", 40, "--max-prompt-length", 11]
     rc, report, _ = check_json(capsys, tiny_data_dir, "--model", tiny_model_dir, *limits)
@@ -75,7 +74,7 @@ def test_token_counts_match_what_training_does(tiny_model_dir, tiny_data_dir, ca
     assert info["limits"]["pairs_with_responses_cut"] == tok.responses_cut > 0
     assert info["limits"]["pairs_dropped"] == dict(tok.dropped)
     assert info["limits"]["pairs_kept"] == len(pairs)
-    stats = poet_stats([pair_set(pairs, cfg, Objective.from_config(cfg.loss))])
+    stats = poet_stats([pair_set(pairs, cfg.loss)])
     assert info["poet"]["pairs_cut"] == stats["pairs_cut_by_poet"]
     assert info["poet"]["response_tokens_removed"] == pytest.approx(stats["poet_token_saving"])
     full, _ = tokenize_pairs(rows, tokenizer, 10**9, 10**9 - 1)

@@ -36,10 +36,10 @@ def test_sft_learns_the_replies_and_saves_a_loadable_model(tiny_model_dir, tiny_
     import mlx.core as mx
 
     from poet_mlx.config import RunConfig
+    from poet_mlx.data.splits import load_pairs
     from poet_mlx.models import load_model
     from poet_mlx.objective import model_token_logps
     from poet_mlx.reporting import Reporter
-    from poet_mlx.train.run import load_pairs
     from poet_mlx.train.sft import save_model_folder, sft_batch, sft_examples, train_sft
 
     model, tok, _ = load_model(str(tiny_model_dir))

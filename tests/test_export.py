@@ -53,7 +53,8 @@ def logits(model) -> np.ndarray:
 
 
 def adapter_model(model_dir, run):
-    from poet_mlx.models import load_adapters, load_model
+    from poet_mlx.adapters import load_adapters
+    from poet_mlx.models import load_model
 
     model, _, _ = load_model(str(model_dir))
     base = logits(model)

@@ -235,7 +235,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tiny_model_dir, t
 @pytest.fixture
 def poisoned_batches(monkeypatch):
     """Make the reference log-probs NaN for chosen training micro-batch calls (1-based call numbers)."""
-    from poet_mlx.train.trainer import PairSet
+    from poet_mlx.batching import PairSet
 
     calls = {"n": 0, "poison": set()}
     real = PairSet.batch

@@ -14,10 +14,10 @@ import pytest
 from mlx.utils import tree_flatten
 
 from poet_mlx.batching import PACK_MULTIPLE, layout, make_batch, make_feed, packed_size, padding_fraction, row_groups
+from poet_mlx.config import LossConfig
 from poet_mlx.data.tokenization import TokenizedPair
 from poet_mlx.head import output_head
 from poet_mlx.objective import (
-    Objective,
     batch_inputs,
     batch_objective,
     model_token_logps,
@@ -151,7 +151,7 @@ def objective_and_grads(model, batch, objective, split, head):
 @pytest.mark.parametrize("tie", [False, True])
 def test_fast_path_equals_plain_path(loss, poet, sft, tie):
     model = with_lora(tiny_llama(tie))
-    objective = Objective(loss, beta=0.1 if loss == "dpo" else 2.0, sft_weight=sft)
+    objective = LossConfig(loss, beta=0.1 if loss == "dpo" else 2.0, sft_weight=sft)
     pairs = make_pairs(seed=3)
     layouts = [layout(p, poet, 1.0, objective.needs_full_chosen) for p in pairs]
     rng = np.random.default_rng(0)

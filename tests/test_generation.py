@@ -10,15 +10,8 @@ import numpy as np
 import pytest
 from conftest import run_config
 
-from poet_mlx.analysis.generations import (
-    CallableJudge,
-    Sample,
-    check_score,
-    load_callable,
-    load_judge,
-    wilson_interval,
-    win_rate,
-)
+from poet_mlx.analysis.generations import Sample, wilson_interval, win_rate
+from poet_mlx.analysis.judges import CallableJudge, check_score, load_callable, load_judge
 from poet_mlx.errors import PoetError
 
 
@@ -129,8 +122,9 @@ def trained_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
 def test_adapters_off_equals_the_base_model_logits_and_samples(tiny_model_dir, trained_run):
     import mlx.core as mx
 
-    from poet_mlx.analysis.generations import sample_replies
-    from poet_mlx.models import adapters_disabled, load_adapters, load_model
+    from poet_mlx.adapters import adapters_disabled, load_adapters
+    from poet_mlx.generate.sampling import sample_replies
+    from poet_mlx.models import load_model
 
     base, tok, _ = load_model(str(tiny_model_dir))
     tuned, _, _ = load_model(str(tiny_model_dir))

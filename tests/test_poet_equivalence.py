@@ -23,9 +23,10 @@ except ImportError:
     import reference_numpy as ref
 
 from poet_mlx.batching import layout, make_batch
+from poet_mlx.config import LossConfig
 from poet_mlx.data.tokenization import TokenizedPair
 from poet_mlx.head import output_head
-from poet_mlx.objective import Objective, batch_inputs, batch_objective, model_token_logps
+from poet_mlx.objective import batch_inputs, batch_objective, model_token_logps
 from poet_mlx.poet import truncate_pair
 
 MAX_LENGTH, MAX_PROMPT_LENGTH = 128, 32
@@ -93,7 +94,7 @@ def run_batch(model, pairs, layouts, ref_token_logps=None, loss="dpo"):
     for start in range(0, len(pairs), 4):
         idx = list(range(start, min(start + 4, len(pairs))))
         b = make_batch(pairs, idx, layouts, ref_token_logps, pad_id=PAD_ID)
-        _, m = batch_objective(model, *batch_inputs(b), Objective(loss, beta=BETA), output_head(model))
+        _, m = batch_objective(model, *batch_inputs(b), LossConfig(loss, beta=BETA), output_head(model))
         mx.eval(m)
         for k, v in m.items():
             metrics.setdefault(k, []).extend(np.asarray(v, dtype=np.float64).tolist())
@@ -246,10 +247,10 @@ def test_shorter_keeps_eos_longer_has_none_nothing_appended(tiny_model_dir, tiny
 
 
 def test_reference_uses_the_same_k(base, pairs, full_logps):
-    from poet_mlx.train.reference import compute_token_logps
+    from poet_mlx.scoring import pair_token_logps
 
     model = base[0]
-    ref_tl = compute_token_logps(model, pairs, batch_size=3, pad_id=PAD_ID)
+    ref_tl = pair_token_logps(model, pairs, batch_size=3, pad_id=PAD_ID)[0]
     # Per-token reference log-probs over the FULL responses (any k is then a prefix sum).
     for (rc, rr), (fc, fr), p in zip(ref_tl, full_logps, pairs):
         assert len(rc) == len(p.chosen) and len(rr) == len(p.rejected)
@@ -275,7 +276,7 @@ def test_reference_uses_the_same_k(base, pairs, full_logps):
 
 
 def test_ratio_half_keeps_floor_half_k(base, pairs, full_logps):
-    from poet_mlx.train.reference import compute_token_logps
+    from poet_mlx.scoring import pair_token_logps
 
     model = base[0]
     layouts = [layout(p, poet=True, ratio=0.5) for p in pairs]
@@ -283,7 +284,7 @@ def test_ratio_half_keeps_floor_half_k(base, pairs, full_logps):
     assert ks == [ref.poet_k(len(p.chosen), len(p.rejected), 0.5) for p in pairs]
     assert [(lay.score_chosen, lay.score_rejected, lay.keep_chosen, lay.keep_rejected) for lay in layouts] \
         == [(k, k, k, k) for k in ks]
-    ref_tl = compute_token_logps(model, pairs, batch_size=4, pad_id=PAD_ID)
+    ref_tl = pair_token_logps(model, pairs, batch_size=4, pad_id=PAD_ID)[0]
     metrics, batches = run_batch(model, pairs, layouts, ref_token_logps=ref_tl, loss="dpo")
     np.testing.assert_array_equal(metrics["num_tokens/chosen"], ks)
     for side, key in ((0, "chosen"), (1, "rejected")):

@@ -77,16 +77,15 @@ def test_prefix_curve_equals_brute_force_truncation(tiny_model_dir, tiny_data_di
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from poet_mlx.analysis.entropy import response_token_stats
-    from poet_mlx.batching import layout
+    from poet_mlx.adapters import adapters_disabled, attach_trainable, lora_parameters
+    from poet_mlx.batching import PairSet, layout
+    from poet_mlx.config import LossConfig
+    from poet_mlx.data.splits import load_pairs
     from poet_mlx.data.tokenization import TokenizedPair
-    from poet_mlx.models import adapters_disabled, attach_trainable, load_model, lora_parameters
-    from poet_mlx.objective import Objective
+    from poet_mlx.models import load_model
     from poet_mlx.reporting import Reporter
+    from poet_mlx.scoring import pair_token_logps
     from poet_mlx.train.evaluation import evaluate
-    from poet_mlx.train.reference import compute_token_logps
-    from poet_mlx.train.run import load_pairs
-    from poet_mlx.train.trainer import PairSet
 
     cfg = run_config(tiny_model_dir, tiny_data_dir, "unused")
     model, tokenizer, _ = load_model(str(tiny_model_dir))
@@ -98,8 +97,8 @@ def test_prefix_curve_equals_brute_force_truncation(tiny_model_dir, tiny_data_di
               if k.endswith("lora_b")]
     model.update(tree_unflatten(lora_b))
     with adapters_disabled(model):
-        reference = compute_token_logps(model, pairs, 4)
-    policy, _ = response_token_stats(model, pairs, 4, entropy=False)
+        reference = pair_token_logps(model, pairs, 4)[0]
+    policy, _ = pair_token_logps(model, pairs, 4)
     ks = (1, 2, 4, 8, 16, 32, 64)
     for loss, beta in (("dpo", 0.1), ("simpo", 2.0)):
         curve = prefix_curve(policy, reference, loss, beta, ks)
@@ -116,8 +115,8 @@ def test_prefix_curve_equals_brute_force_truncation(tiny_model_dir, tiny_data_di
                 assert acc is None and margin is None
                 continue
             with adapters_disabled(model):
-                ref = compute_token_logps(model, cut, 4)
+                ref = pair_token_logps(model, cut, 4)[0]
             pair_set = PairSet(cut, [layout(p, poet=False) for p in cut], ref if loss != "simpo" else None)
-            _, per_pair = evaluate(model, pair_set, Objective(loss, beta), 4)
+            _, per_pair = evaluate(model, pair_set, LossConfig(loss, beta), 4)
             assert acc == pytest.approx(per_pair["rewards/accuracies"].mean()), (loss, k)
             assert margin == pytest.approx(per_pair["rewards/margins"].mean(), rel=1e-4, abs=1e-6), (loss, k)

@@ -70,7 +70,8 @@ def test_mlx_lm_generate_loads_our_adapters(tiny_model_dir, tiny_data_dir, tmp_p
     from mlx_lm import generate
     from mlx_lm.utils import load
 
-    from poet_mlx.models import attach_trainable, load_model, lora_parameters
+    from poet_mlx.adapters import attach_trainable, lora_parameters
+    from poet_mlx.models import load_model
 
     run = tmp_path / "run"
     run_training(run_config(tiny_model_dir, tiny_data_dir, run, fine_tune_type=fine_tune_type, iters=2))
@@ -129,7 +130,8 @@ def test_grad_checkpoint_gives_the_same_losses(tiny_model_dir, tiny_data_dir, tm
 def test_grad_checkpoint_wraps_every_layer_but_the_last(tiny_model_dir):
     import mlx.core as mx
 
-    from poet_mlx.models import enable_grad_checkpoint, load_model
+    from poet_mlx.adapters import enable_grad_checkpoint
+    from poet_mlx.models import load_model
 
     model, _, _ = load_model(str(tiny_model_dir))
     x = mx.array([[5, 9, 13, 2]])
@@ -181,7 +183,7 @@ def test_loss_falls_on_the_demo_task(tiny_model_dir, tiny_data_dir, tmp_path):
 def test_adapters_disabled_gives_the_base_model_exactly(tiny_model_dir, tiny_data_dir, tmp_path, fine_tune_type):
     from mlx_lm.utils import load
 
-    from poet_mlx.models import adapters_disabled
+    from poet_mlx.adapters import adapters_disabled
 
     run = tmp_path / "run"
     run_training(run_config(tiny_model_dir, tiny_data_dir, run, fine_tune_type=fine_tune_type, iters=2))

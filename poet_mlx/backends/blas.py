@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..fsutil import cache_root
+
 ENV_SWITCH = "POET_MLX_BLAS"
 ENV_THREADS = "POET_MLX_BLAS_THREADS"
 
@@ -71,14 +73,10 @@ class BlasStatus:
 STATUS = BlasStatus()
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("POET_MLX_CACHE", Path.home() / ".cache" / "poet-mlx")) / "blas"
-
-
 def _build_shim(lib_dir: Path) -> Path:
     """Compile (once) the forwarding shim against the OpenBLAS in `lib_dir`; returns the .so path."""
     key = hashlib.sha256((SHIM_SOURCE + str(lib_dir)).encode()).hexdigest()[:16]
-    out = _cache_root() / key / "libpoet_blas_shim.so"
+    out = cache_root() / "blas" / key / "libpoet_blas_shim.so"
     if out.is_file():
         return out
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")

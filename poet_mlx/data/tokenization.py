@@ -173,3 +173,8 @@ def tokenize_pairs(
             progress(min(start + chunk, len(rows)), len(rows))
     report.pairs_out = len(pairs)
     return pairs, report
+
+
+def pad_id(tokenizer) -> int:
+    pid = getattr(tokenizer, "pad_token_id", None)
+    return int(pid if pid is not None else tokenizer.eos_token_id or 0)

@@ -107,9 +107,8 @@ def sft_start(folder: str | Path, model_dir: Path, data_dir: Path, spec: DemoSpe
     import mlx.core as mx
 
     from ..data.sources import load_split
-    from ..data.tokenization import tokenize_pairs
+    from ..data.tokenization import pad_id, tokenize_pairs
     from ..models import load_model
-    from ..train.run import pad_id
     from ..train.sft import save_model_folder, sft_examples, train_sft
 
     out = Path(folder) / "sft"
@@ -182,7 +181,8 @@ def run_demo(folder: str | Path, spec: DemoSpec = DemoSpec(), poet_runs=(False, 
     `folder`/demo_results.json; replies go to `folder`/samples.jsonl, each run's prefix curve to
     RUN/prefix_curve.json. `poet_runs` picks the runs: (False, True) trains DPO and DPO+POET.
     Stops after the current run when `should_stop()` says so (results then hold what finished)."""
-    from ..train.run import run_evaluation, run_training
+    from ..analysis.evaluate import run_evaluation
+    from ..train.run import run_training
 
     spec.check()
     reporter = reporter or Reporter()

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE
 from ..config import DEFAULT_BETA
 from ..errors import PoetError
-from ..models import ADAPTER_CONFIG, ADAPTER_FILE, HUB_ID
+from ..models import HUB_ID
 
 
 # -- the run folder -------------------------------------------------------------------------------------------

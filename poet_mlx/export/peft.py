@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE
 from ..errors import PoetError
-from ..models import ADAPTER_CONFIG, ADAPTER_FILE, HUB_ID
+from ..models import HUB_ID
 from .model_card import RunInfo, model_card, read_run
 
 PEFT_CONFIG = "adapter_config.json"
@@ -353,8 +354,9 @@ def fuse_run(adapter_path: str | Path, save_path: str | Path, model: Optional[st
     from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model, load_config, save_config, save_model
 
+    from ..adapters import load_adapters
     from ..fsutil import write_text_atomic
-    from ..models import load_adapters, load_model
+    from ..models import load_model
 
     info = read_run(adapter_path)
     base = model or info.base_model

@@ -138,7 +138,7 @@ class ReplyStream:
 
 
 def _adapters_off(model):
-    from ..models import adapters_disabled
+    from ..adapters import adapters_disabled
 
     return adapters_disabled(model)
 
@@ -237,8 +237,9 @@ class LoadedChat:
 
 def load_for_chat(model: Optional[str], adapter_path: Optional[str], trust_remote_code: bool = False) -> LoadedChat:
     """Load `model` (default: the run's base model) and apply the run's adapters."""
+    from ..adapters import load_adapters
     from ..export.model_card import read_run
-    from ..models import load_adapters, load_model
+    from ..models import load_model
 
     run = read_run(adapter_path) if adapter_path else None
     ref = model or (run.base_model if run else None)

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..adapters import ADAPTER_CONFIG
 from ..errors import PoetError
 from ..fsutil import fsync_dir, save_safetensors_atomic, write_json_atomic, write_text_atomic
 
@@ -300,3 +301,12 @@ def read_metrics(run: Path) -> list[dict]:
     if not path.is_file():
         raise PoetError(f"no metrics.jsonl in {run}: is it a poet-mlx run folder?")
     return _parse_lines(path.read_text(encoding="utf-8", errors="replace"))
+
+
+def saved_config(run: Path) -> dict:
+    """The flat config a run folder was started with."""
+    path = Path(run) / ADAPTER_CONFIG
+    try:
+        return json.loads(path.read_text())["poet_mlx"]["config"]
+    except (OSError, ValueError, KeyError):
+        raise PoetError(f"{path} is missing or has no poet_mlx settings: not a poet-mlx run folder") from None

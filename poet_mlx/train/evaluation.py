@@ -8,12 +8,13 @@ import mlx.core as mx
 import numpy as np
 
 from ..batching import sequential_batches
+from ..config import LossConfig
 from ..head import output_head
-from ..objective import Objective, batch_inputs, batch_objective, splits_rows
+from ..objective import batch_inputs, batch_objective, splits_rows
 from .distributed import World, all_sum
 
 
-def evaluate(model, pair_set, objective: Objective, batch_size: int, pad_id: int = 0,
+def evaluate(model, pair_set, objective: LossConfig, batch_size: int, pad_id: int = 0,
              progress: Optional[Callable[[int, int], None]] = None, world: World | None = None) -> tuple[dict, dict]:
     """Score every pair of `pair_set` (a trainer.PairSet) with the model in eval mode.
 

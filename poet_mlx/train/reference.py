@@ -8,23 +8,28 @@ on disk, keyed by the model's files and the exact token ids, so a second run on 
 
 from __future__ import annotations
 
+import gc
 import hashlib
-import os
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from ..batching import layout, make_batch, sequential_batches
-from ..data.tokenization import TokenizedPair
-from ..fsutil import atomic_path
+from ..batching import TokenLogps
+from ..config import RunConfig
+from ..data.tokenization import TokenizedPair, pad_id
+from ..errors import PoetError
+from ..fsutil import atomic_path, cache_root
+from ..models import load_model
+from ..reporting import Reporter
+from ..scoring import pair_token_logps
 
-TokenLogps = list[tuple[np.ndarray, np.ndarray]]
-"""Per pair: (chosen, rejected) float32 per-token log-probs over the full responses."""
+REFERENCE_BATCH = 8
+"""Pairs per forward of the reference pass."""
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("POET_MLX_CACHE", Path.home() / ".cache" / "poet-mlx")) / "reference"
+    return cache_root() / "reference"
 
 
 def model_fingerprint(model_path: str | Path) -> str:
@@ -74,41 +79,9 @@ def save_cached(key: str, logps: TokenLogps) -> Path:
     return path
 
 
-def compute_token_logps(model, pairs: Sequence[TokenizedPair], batch_size: int, pad_id: int = 0,
-                        progress: Callable[[int, int], None] | None = None) -> TokenLogps:
-    """Per-token log-probs of every full response under `model` (no gradient, eval mode)."""
-    import mlx.core as mx
-
-    from ..batching import make_feed
-    from ..head import output_head
-    from ..objective import response_token_logps, splits_rows
-
-    head, split = output_head(model), splits_rows(model)
-    layouts = [layout(p, poet=False) for p in pairs]
-    lengths = [lay.tokens for lay in layouts]
-    out: list = [None] * len(pairs)
-    done = 0
-    for idx in sequential_batches(lengths, batch_size):
-        feed = make_feed(make_batch(pairs, idx, layouts, pad_id=pad_id), split=split)
-        packed = response_token_logps(model, tuple(mx.array(g) for g in feed.groups), mx.array(feed.positions), head)
-        per_row = split_rows(np.asarray(packed.astype(mx.float32)), feed.rows, 2 * len(idx))
-        for j, i in enumerate(idx):
-            out[i] = (per_row[j], per_row[j + len(idx)])
-        done += len(idx)
-        if progress:
-            progress(done, len(pairs))
-    return out
-
-
-def split_rows(packed: np.ndarray, rows: np.ndarray, n_rows: int) -> list[np.ndarray]:
-    """Packed per-position values -> one array per row, in response order (a Feed lists each row's
-    positions contiguously and in order; entries of row -1 are padding)."""
-    return [packed[rows == r].copy() for r in range(n_rows)]
-
-
 def reference_token_logps(model, model_path, pairs, batch_size, pad_id=0, progress=None,
                           use_cache: bool = True, world=None) -> tuple[TokenLogps, bool]:
-    """Cached `compute_token_logps`. Returns (logps, reused_from_cache).
+    """Cached `scoring.pair_token_logps` (log-probs only). Returns (logps, reused_from_cache).
 
     In a distributed run (`world`), the cache counts only when every rank has it; otherwise each rank scores
     its share of the pairs, the shares are gathered so every rank holds all of them, and rank 0 alone writes
@@ -129,13 +102,42 @@ def reference_token_logps(model, model_path, pairs, batch_size, pad_id=0, progre
         return cached, True
     if world.distributed:
         mine = list(range(world.rank, len(pairs), world.size))
-        part = compute_token_logps(model, [pairs[i] for i in mine], batch_size, pad_id, progress)
+        part, _ = pair_token_logps(model, [pairs[i] for i in mine], batch_size, pad_id, progress=progress)
         logps = gather_ragged(dict(zip(mine, part)), [(len(p.chosen), len(p.rejected)) for p in pairs], world)
     else:
-        logps = compute_token_logps(model, pairs, batch_size, pad_id, progress)
+        logps, _ = pair_token_logps(model, pairs, batch_size, pad_id, progress=progress)
     if use_cache and pairs and world.is_main:
         try:
             save_cached(key, logps)
         except OSError:
             pass  # a read-only or full cache folder costs a recomputation next time, nothing more
     return logps, False
+
+
+def fill_reference(sets, cfg: RunConfig, policy, policy_path, tokenizer, reporter: Reporter, world=None) -> None:
+    """Reference per-token log-probs for every PairSet in `sets` (DPO family only).
+
+    With no --ref-model the policy scores them now, before any update, when it still equals the base.
+    """
+    model, path = policy, policy_path
+    if cfg.model.ref_model:
+        reporter.phase("loading reference model", 0, None)
+        model, ref_tok, path = load_model(cfg.model.ref_model, trust_remote_code=cfg.model.trust_remote_code)
+        if ref_tok.vocab_size != tokenizer.vocab_size:
+            raise PoetError(f"--ref-model {cfg.model.ref_model} has a different vocabulary "
+                            f"({ref_tok.vocab_size} vs {tokenizer.vocab_size}); it must share the tokenizer")
+        reporter.phase("loading reference model", 1, 1)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    for name, s in sets.items():
+        label = f"reference log-probs ({name})"
+        reporter.phase(label, 0, len(s))
+        s.ref, reused = reference_token_logps(model, path, s.pairs, REFERENCE_BATCH, pad_id(tokenizer),
+                                              progress=lambda d, t: d < t and reporter.phase(label, d, t),
+                                              world=world)
+        reporter.phase(label, len(s), len(s), note="reused from cache" if reused else "computed")
+    if model is not policy:
+        del model
+        gc.collect()
+    elif was_training:
+        policy.train()

@@ -12,44 +12,27 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from ..batching import Layout, PairBatch, epoch_batches, make_batch
-from ..config import TrainConfig
-from ..data.tokenization import TokenizedPair
+from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE, enable_grad_checkpoint, save_adapters, trainable_weights
+from ..batching import PairSet, epoch_batches
+from ..config import LossConfig, TrainConfig
 from ..errors import PoetError
 from ..head import output_head
-from ..models import ADAPTER_CONFIG, ADAPTER_FILE, enable_grad_checkpoint, save_adapters, trainable_weights
-from ..objective import Objective, batch_inputs, batch_objective, splits_rows
+from ..objective import batch_inputs, batch_objective, splits_rows
 from ..reporting import Reporter
 from .checkpoint import MetricsLog, latest_checkpoint, load_checkpoint, resume_command, save_checkpoint, write_error
 from .distributed import World, all_sum, broadcast_json, broadcast_tree, shard, weighted_average_tree
 from .evaluation import evaluate
 from .health import LearningWatch
 from .optimization import build_optimizer, total_steps, tree_norm
-from .reference import TokenLogps
 
 MAX_WARNINGS_KEPT = 20
-
-
-@dataclass
-class PairSet:
-    """Tokenized pairs with their POET layouts and (DPO) reference per-token log-probs."""
-
-    pairs: Sequence[TokenizedPair]
-    layouts: Sequence[Layout]
-    ref: Optional[TokenLogps] = None
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def batch(self, indices, pad_id: int) -> PairBatch:
-        return make_batch(self.pairs, indices, self.layouts, self.ref, pad_id=pad_id)
 
 
 @dataclass
@@ -82,7 +65,7 @@ class Trainer:
             its shard of every batch, gradients are averaged, and only rank 0 writes files.
     """
 
-    def __init__(self, model, objective: Objective, cfg: TrainConfig, train: PairSet, valid: Optional[PairSet],
+    def __init__(self, model, objective: LossConfig, cfg: TrainConfig, train: PairSet, valid: Optional[PairSet],
                  run: Path, adapter_cfg: dict, reporter: Reporter | None = None, pad_id: int = 0,
                  should_stop: Callable[[], bool] = lambda: False, world: World | None = None):
         self.model, self.objective, self.cfg = model, objective, cfg

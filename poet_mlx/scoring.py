@@ -1,0 +1,97 @@
+"""Per-token log-probs (and entropies) of whole responses under a model, with no gradient.
+
+One function serves every caller that scores given text: DPO's reference pass (`train.reference`), the
+prefix curves and entropy profiles of `poet-mlx eval` (`analysis.evaluate`) and the implicit judge
+(`analysis.judges`). Sequences are batched by length, fed through the same `batching` feed and
+`objective.packed_logits` as training (so the numbers are the ones the loss sees), and handed back one
+array per response, in input order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .batching import TokenLogps, feed_rows, pad_rows
+from .data.tokenization import TokenizedPair
+
+Progress = Optional[Callable[[int, int], None]]
+
+
+def score_sequences(model, sequences: Sequence[tuple[np.ndarray, np.ndarray]], batch_rows: int, pad_id: int = 0,
+                    entropy: bool = False, progress: Progress = None
+                    ) -> tuple[list[np.ndarray], Optional[list[np.ndarray]]]:
+    """Log-probs of every response token given its prompt, in eval mode.
+
+    Args:
+        sequences: N (prompt ids, response ids) pairs of 1-D int arrays; the prompt has >= 1 token.
+        batch_rows: sequences per forward; they are sorted by length first, so a batch pads little.
+        entropy: also return the next-token entropy (nats) at each response position.
+        progress: called as progress(done, N) after each batch.
+
+    Returns:
+        (logps, entropies): N float32 arrays of len(response) values each (entropies None unless asked).
+    """
+    import mlx.core as mx
+
+    from .head import output_head
+    from .logprobs import per_token_logps, token_entropy
+    from .objective import packed_logits, splits_rows
+
+    was_training = getattr(model, "training", False)
+    model.eval()
+    head, split = output_head(model), splits_rows(model)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
+    logps: list = [None] * len(sequences)
+    ents: list = [None] * len(sequences) if entropy else None
+    for b in range(0, len(order), batch_rows):
+        idx = order[b : b + batch_rows]
+        tokens = pad_rows([np.concatenate([sequences[i][0], sequences[i][1]]) for i in idx], pad_id)
+        starts = np.asarray([len(sequences[i][0]) - 1 for i in idx], np.int32)
+        keep = np.asarray([len(sequences[i][1]) for i in idx], np.int32)
+        feed = feed_rows(tokens, starts, keep, split=split)
+        groups = tuple(mx.array(g) for g in feed.groups)
+        positions = mx.array(feed.positions)
+        logits = packed_logits(model, groups, positions, head)  # (R, V)
+        targets = mx.concatenate([g[:, 1:].reshape(-1) for g in groups])[positions]  # (R,)
+        lp = per_token_logps(logits[None], targets[None])[0]
+        ent = token_entropy(logits[None])[0] if entropy else None
+        mx.eval([a for a in (lp, ent) if a is not None])
+        for j, per_row in enumerate(split_packed(np.asarray(lp), feed.rows, len(idx))):
+            logps[idx[j]] = per_row
+        if entropy:
+            for j, per_row in enumerate(split_packed(np.asarray(ent), feed.rows, len(idx))):
+                ents[idx[j]] = per_row
+        if progress:
+            progress(min(b + batch_rows, len(order)), len(order))
+    model.train(was_training)
+    return logps, ents
+
+
+def pair_token_logps(model, pairs: Sequence[TokenizedPair], batch_size: int, pad_id: int = 0,
+                     entropy: bool = False, progress: Progress = None
+                     ) -> tuple[TokenLogps, Optional[TokenLogps]]:
+    """`score_sequences` of both full responses of every pair (no POET cut), regrouped per pair.
+
+    Args:
+        batch_size: pairs per forward (2 * batch_size sequences).
+        progress: called as progress(pairs done, pairs).
+
+    Returns:
+        (logps, entropies): per pair (chosen, rejected) float32 arrays; entropies None unless asked.
+    """
+    sequences = [(p.prompt, side) for p in pairs for side in (p.chosen, p.rejected)]
+    report = (lambda d, t: progress(d // 2, t // 2)) if progress else None
+    logps, ents = score_sequences(model, sequences, 2 * batch_size, pad_id, entropy, report)
+
+    def regroup(values):
+        return None if values is None else list(zip(values[0::2], values[1::2]))
+
+    return regroup(logps), regroup(ents)
+
+
+def split_packed(packed: np.ndarray, rows: np.ndarray, n_rows: int) -> list[np.ndarray]:
+    """Packed per-position values -> one float32 array per row, in response order (a Feed lists each row's
+    positions contiguously and in order; entries of row -1 are padding)."""
+    return [packed[rows == r].astype(np.float32) for r in range(n_rows)]
