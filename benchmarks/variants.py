@@ -139,7 +139,7 @@ def run_variant(spec: dict) -> dict:
     if "grad_checkpoint" in flags:
         enable_grad_checkpoint(model)
     head = None if "full_head" in flags else output_head(model)
-    split = "one_group" not in flags
+    halves = "one_group" not in flags
     loss_fn = _loss_fn(flags, objective, path, head)
     lengths = [lay.tokens for lay in layouts]
     bs = spec["batch_size"]
@@ -148,7 +148,7 @@ def run_variant(spec: dict) -> dict:
     else:
         batches = epoch_batches(lengths, bs, spec.get("seed", 0), 0)
     # Padding over a whole epoch (cheap: no model), then the first `steps` batches are trained.
-    epoch_padding = float(np.mean([padding_fraction(make_batch(pairs, idx, layouts, pad_id=pad_id), split)
+    epoch_padding = float(np.mean([padding_fraction(make_batch(pairs, idx, layouts, pad_id=pad_id), halves)
                                    for idx in batches]))
     batches = (batches * (1 + spec["steps"] // max(1, len(batches))))[: spec["steps"]]
 
@@ -168,14 +168,14 @@ def run_variant(spec: dict) -> dict:
     for i, idx in enumerate(batches):
         tic = time.perf_counter()
         b = make_batch(pairs, idx, layouts, ref, pad_id=pad_id)
-        inputs = batch_inputs(b, split=split)
+        inputs = batch_inputs(b, halves=halves)
         loss = step(*inputs)
         mx.eval(loss, model.state, optimizer.state)
         times.append(time.perf_counter() - tic)
         if i == 0:
             mx.reset_peak_memory()  # the steady-state peak: after the first trace and compile
-        pads.append(padding_fraction(b, split))
-        tokens_fed.append(make_feed(b, split=split).fed_tokens)
+        pads.append(padding_fraction(b, halves))
+        tokens_fed.append(make_feed(b, halves=halves).fed_tokens)
         shapes.add(tuple(g.shape for g in inputs[0]) + (inputs[1].shape,))
     steady = times[1:] or times
     return {

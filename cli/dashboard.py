@@ -18,8 +18,6 @@ import time
 from collections import deque
 from typing import Callable, Optional
 
-from poet_mlx.cli.charts import History, block_chart, sparkline
-from poet_mlx.cli.ui import duration, fmt, record_kind
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
@@ -27,6 +25,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from poet_mlx.cli.charts import History, block_chart, sparkline
+from poet_mlx.cli.formats import duration, fmt, record_kind
 from poet_mlx.reporting import Reporter
 
 LIVE_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
@@ -34,27 +34,10 @@ LIVE_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "adapter_change")
 CHARTED = ("loss", "rewards/accuracies")
 RECENT = 20  # steps averaged in the "last 20" column and for the ETA
-MEMORY_WARN_FRACTION = 0.9
 WIDE = 120  # columns from which metrics and charts sit side by side
 REFRESH_PER_SECOND = 2
 """A frame costs about 10-20 ms of Python (rich tables); two a second keep the dashboard to a few percent of
 one core, which matters when training shares 2 cores with it."""
-
-
-def machine_memory_gb() -> Optional[float]:
-    """The memory a run may use: Metal's recommended working set on Apple silicon, else physical RAM."""
-    import sys
-
-    mx = sys.modules.get("mlx.core")  # only look if the run already loaded MLX; never import it here
-    try:
-        if mx is not None and mx.metal.is_available():
-            return mx.device_info()["max_recommended_working_set_size"] / 1e9
-    except Exception:  # a query the installed MLX lacks must not break the dashboard
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _hide_control_echo():
@@ -91,10 +74,9 @@ class DashboardReporter(Reporter):
 
     def __init__(self, console: Optional[Console] = None, title: str = "poet-mlx train",
                  stop: Optional[Callable[[], bool]] = None, clock: Callable[[], float] = time.monotonic,
-                 memory_gb: Optional[float] = None, refresh_per_second: float = REFRESH_PER_SECOND):
+                 refresh_per_second: float = REFRESH_PER_SECOND):
         self.console = console or Console()
         self.title, self.stop, self.clock = title, stop, clock
-        self.memory_gb = machine_memory_gb() if memory_gb is None else memory_gb
         self.lock = threading.RLock()
         self.started = clock()
         self.info: dict = {}
@@ -174,7 +156,6 @@ class DashboardReporter(Reporter):
                 self.latest.update({k: v for k, v in record.items()
                                     if k in ("adapter_change", "peak_memory_gb", "tokens_seen", "epoch")})
                 self.epoch_at_log, self.pairs_since_log = record.get("epoch"), 0.0
-                self._check_memory(record.get("peak_memory_gb"))
 
     def checkpoint(self, step, path):
         with self.lock:
@@ -193,10 +174,6 @@ class DashboardReporter(Reporter):
         if message not in self.warnings:
             self.warnings.append(message)
 
-    def _check_memory(self, peak_gb) -> None:
-        if self.memory_gb and isinstance(peak_gb, (int, float)) and peak_gb > MEMORY_WARN_FRACTION * self.memory_gb:
-            self._warn(f"peak memory {peak_gb:.1f} GB is over {MEMORY_WARN_FRACTION:.0%} of the machine's "
-                       f"{self.memory_gb:.1f} GB: lower --batch-size or --max-length, or add --grad-checkpoint")
 
     # -- drawing ----------------------------------------------------------------------------------------
     def __rich__(self):

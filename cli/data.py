@@ -9,7 +9,7 @@ import sys
 
 from poet_mlx.cli.args import add_config_flags, given_flags
 from poet_mlx.cli.common import EXIT_USER_ERROR, add_output_flags, one_line, run_guarded
-from poet_mlx.cli.ui import fmt
+from poet_mlx.cli.formats import fmt
 
 MODEL_FLAGS_SKIP = ("ref_model",)
 LOSS_FLAGS_SKIP = ("loss", "beta", "gamma_beta_ratio", "label_smoothing", "sft_weight", "poet")
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check(args) -> int:
     from poet_mlx.config import RunConfig, validate
-    from poet_mlx.data.preflight import check_data
+    from poet_mlx.data.check import check_data
 
     flags = given_flags(args, groups=("model", "data", "loss"))
     cfg = RunConfig.from_flat({**flags, "data": args.data}, source="command line")
@@ -61,7 +61,7 @@ def _check(args) -> int:
 
 def load_tokenizer(cfg):
     """The tokenizer of cfg.model.model, without loading the weights."""
-    from poet_mlx.data.preflight import load_tokenizer as load
+    from poet_mlx.data.check import load_tokenizer as load
 
     return load(cfg.model.model, cfg.model.revision, cfg.model.trust_remote_code)
 

@@ -69,10 +69,10 @@ def _intro(spec, folder: Path) -> None:
 
 
 def _print_results(res: dict, path: Path) -> None:
-    from poet_mlx.cli.evaluate import prefix_table
     from rich.console import Console
 
     from poet_mlx.analysis.prefix import PrefixCurve
+    from poet_mlx.cli.evaluate import prefix_table
 
     c = Console()
     runs = res["runs"]

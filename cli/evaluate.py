@@ -145,9 +145,10 @@ def _print(means: dict, cfg, args) -> None:
 
 def _print_runs(result, cfg) -> None:
     """Side-by-side metrics of several runs on the same pairs."""
-    from poet_mlx.cli.ui import fmt
     from rich.console import Console
     from rich.table import Table
+
+    from poet_mlx.cli.formats import fmt
 
     t = Table(title=f"eval on {cfg.data.data}", title_justify="left", title_style="bold")
     t.add_column("metric")
@@ -173,8 +174,9 @@ def bar(value, width: int = 12) -> str:
 
 def prefix_table(curves):
     """Rows k = 1, 2, ..., full: pairs, and per model the accuracy as a bar, the value and the mean margin."""
-    from poet_mlx.cli.ui import fmt
     from rich.table import Table
+
+    from poet_mlx.cli.formats import fmt
 
     t = Table(title="implicit reward by prefix length k: does the model prefer the chosen reply's first k "
               "tokens?", title_justify="left", title_style="bold")

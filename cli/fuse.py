@@ -45,8 +45,8 @@ def push_if_asked(args, folder, say) -> None:
 
 
 def _fuse(args) -> int:
+    from poet_mlx.export.fuse import fuse_run
     from poet_mlx.export.hub import check_repo_id
-    from poet_mlx.export.peft import fuse_run
 
     if args.push_to_hub:
         check_repo_id(args.push_to_hub)  # before minutes of work, not after

@@ -18,8 +18,8 @@ from typing import Optional
 
 from poet_mlx.cli.charts import Chart, Series
 from poet_mlx.cli.common import add_output_flags, run_guarded
-from poet_mlx.cli.ui import final_and_best, fmt, kv_line
-
+from poet_mlx.cli.formats import fmt, kv_line
+from poet_mlx.cli.ui import final_and_best
 from poet_mlx.errors import PoetError
 
 # (metric in metrics.jsonl, chart title, y axis label, fixed y range); validation uses the eval_ name.
@@ -272,7 +272,6 @@ def runs_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
 def write_picture(output: Path, runs: list[Run], sections: list[tuple[str, list[Chart]]]) -> None:
     """Write the page (.html), one SVG (.svg) or a PNG (.png) atomically."""
     from poet_mlx.cli import svg
-
     from poet_mlx.fsutil import atomic_path, write_text_atomic
 
     title = "poet-mlx report: " + " vs ".join(r.label for r in runs)
@@ -300,10 +299,11 @@ def write_picture(output: Path, runs: list[Run], sections: list[tuple[str, list[
 
 
 def print_terminal(runs: list[Run], charts: list[Chart], output: Path, show_charts: bool = True) -> None:
-    from poet_mlx.cli.charts import TERMINAL_COLORS, BrailleChart
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
+
+    from poet_mlx.cli.charts import TERMINAL_COLORS, BrailleChart
 
     console = Console()
     header, rows = runs_table(runs)

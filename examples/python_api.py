@@ -15,11 +15,9 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from poet_mlx.config import RunConfig, validate
+from poet_mlx import Reporter, RunConfig, run_training, validate
 from poet_mlx.demo.toy import DemoSpec, build_demo
-from poet_mlx.reporting import Reporter
 from poet_mlx.train.checkpoint import read_metrics
-from poet_mlx.train.run import run_training
 
 
 class PrintReporter(Reporter):

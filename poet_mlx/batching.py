@@ -4,7 +4,7 @@ A batch of B pairs is one (2B, L) token array: the B chosen sequences, then the 
 prompt + response (cut by POET) and right-padded to L, a multiple of `pad_multiple`. Batches are drawn from
 windows of similar lengths, so padding stays small and the compiled step meets few distinct shapes.
 
-The model is fed a `Feed` of the batch: its rows sorted by length and split into two halves padded apart (a
+The model is fed a `Feed` of the batch: its rows sorted by length and cut into two halves padded apart (a
 chosen response and its rejected one often differ in length by 3x; on the benchmark's data this takes padding
 from 0.31 to 0.20, and each half's backward pass holds half the temporaries), plus the packed list of
 response positions, the only places where the vocabulary is needed.
@@ -164,13 +164,13 @@ def row_groups(lengths: np.ndarray) -> list[np.ndarray]:
     return [order[:half], order[half:]] if half else [order]
 
 
-def make_feed(batch: PairBatch, pad_multiple: int = PAD_MULTIPLE, split: bool = True) -> Feed:
-    """The Feed of `batch`; `split=False` keeps all rows in one group (the plain (2B, L) array)."""
-    return feed_rows(batch.tokens, batch.starts, batch.keep_lens, pad_multiple, split)
+def make_feed(batch: PairBatch, pad_multiple: int = PAD_MULTIPLE, halves: bool = True) -> Feed:
+    """The Feed of `batch`; `halves=False` keeps all rows in one group (the plain (2B, L) array)."""
+    return feed_rows(batch.tokens, batch.starts, batch.keep_lens, pad_multiple, halves)
 
 
 def feed_rows(tokens: np.ndarray, starts: np.ndarray, keep_lens: np.ndarray, pad_multiple: int = PAD_MULTIPLE,
-              split: bool = True) -> Feed:
+              halves: bool = True) -> Feed:
     """The Feed of right-padded rows.
 
     Args:
@@ -178,7 +178,7 @@ def feed_rows(tokens: np.ndarray, starts: np.ndarray, keep_lens: np.ndarray, pad
         keep_lens: (N,) response tokens present in each row (the packed positions cover exactly these).
     """
     lengths = starts + 1 + keep_lens  # (N,) real tokens per row
-    groups = row_groups(lengths) if split else [np.arange(len(lengths))]
+    groups = row_groups(lengths) if halves else [np.arange(len(lengths))]
     arrays, positions, rows, offsets, base = [], [], [], [], 0
     for members in groups:
         width = round_up(int(lengths[members].max()), pad_multiple)
@@ -215,15 +215,20 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def batches_per_epoch(n_pairs: int, batch_size: int) -> int:
+    """len(epoch_batches(...)) without building them: windows hold whole batches, so only the last is short."""
+    return max(1, -(-n_pairs // batch_size))
+
+
 def sequential_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Evaluation batches: sorted by length (little padding), each pair once; callers restore input order."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
 
 
-def padding_fraction(batch: PairBatch, split: bool = True) -> float:
+def padding_fraction(batch: PairBatch, halves: bool = True) -> float:
     """Share of the tokens fed to the model (`make_feed`'s groups) that is padding."""
-    return 1.0 - batch.real_tokens / make_feed(batch, split=split).fed_tokens
+    return 1.0 - batch.real_tokens / make_feed(batch, halves=halves).fed_tokens
 
 
 @dataclass

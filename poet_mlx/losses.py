@@ -110,14 +110,13 @@ def sft_nll(chosen_logps_full: mx.array, chosen_tokens_full: mx.array) -> mx.arr
     return -chosen_logps_full / chosen_tokens_full
 
 
+PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected")
+"""The names `pair_metrics` returns, in order (TRL's)."""
+
+
 def pair_metrics(p: PairLogps, losses: mx.array, chosen_rewards: mx.array, rejected_rewards: mx.array) -> dict:
-    """Per-pair metrics under TRL's names; each value is a (B,) array (average them for a batch)."""
-    return {
-        "loss": losses,
-        "rewards/chosen": chosen_rewards,
-        "rewards/rejected": rejected_rewards,
-        "rewards/margins": chosen_rewards - rejected_rewards,
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(mx.float32),
-        "logps/chosen": p.policy_chosen,
-        "logps/rejected": p.policy_rejected,
-    }
+    """Per-pair metrics under TRL's names (PAIR_METRICS); each value is a (B,) array (average them for a batch)."""
+    values = (losses, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards,
+              (chosen_rewards > rejected_rewards).astype(mx.float32), p.policy_chosen, p.policy_rejected)
+    return dict(zip(PAIR_METRICS, values))

@@ -15,7 +15,7 @@ import numpy as np
 from .batching import PairBatch, make_feed
 from .config import LossConfig
 from .logprobs import per_token_logps
-from .losses import PairLogps, pair_metrics, preference_loss, sft_nll
+from .losses import PAIR_METRICS, PairLogps, pair_metrics, preference_loss, sft_nll
 
 
 def model_token_logps(model, tokens: mx.array) -> mx.array:
@@ -64,22 +64,32 @@ def row_sums(values: mx.array, rows: mx.array, offsets: mx.array, lengths: mx.ar
     return mx.where(inside, values[None, :], 0.0).sum(axis=1)
 
 
-def splits_rows(model) -> bool:
+def feeds_halves(model) -> bool:
     """Whether to feed a batch's rows in two halves (`batching.row_groups`): yes, except for a model whose
     layers expand their 4-bit weights on every call (`fast_quant`, Linux CPU), where a second forward
-    means a second expansion of every weight (Qwen2.5-0.5B shapes, batch 1: 10.0 s per step split, 7.9 s not)."""
+    means a second expansion of every weight (Qwen2.5-0.5B shapes, batch 1: 10.0 s per step in halves, 7.9 s in one group)."""
     from .backends.fast_quant import expands_weights
 
     return not expands_weights(model)
 
 
-def batch_inputs(batch: PairBatch, split: bool = True) -> tuple:
+def batch_inputs(batch: PairBatch, halves: bool = True) -> tuple:
     """The arrays `batch_objective` takes after the model: (groups, positions, rows, offsets, score_lens,
     keep_lens, ref_logps), as MLX arrays; ref_logps are zeros when the batch has none (SimPO)."""
-    feed = make_feed(batch, split=split)
+    feed = make_feed(batch, halves=halves)
     ref = batch.ref_logps if batch.ref_logps is not None else np.zeros(len(batch.starts), np.float32)
     return (tuple(mx.array(g) for g in feed.groups), mx.array(feed.positions), mx.array(feed.rows),
             mx.array(feed.offsets), mx.array(batch.score_lens), mx.array(batch.keep_lens), mx.array(ref))
+
+
+def metric_names(objective: LossConfig) -> list[str]:
+    """The per-pair metrics `batch_objective` returns for these settings, in its order (TRL's names first)."""
+    names = list(PAIR_METRICS)
+    if objective.needs_full_chosen:
+        names.append("sft_nll")
+    if objective.needs_reference:
+        names += ["ref_logps/chosen", "ref_logps/rejected"]
+    return names + ["num_tokens/chosen", "num_tokens/rejected"]
 
 
 def batch_objective(model, groups, positions, rows, offsets, score_lens, keep_lens, ref_logps,

@@ -37,11 +37,11 @@ def score_sequences(model, sequences: Sequence[tuple[np.ndarray, np.ndarray]], b
 
     from .head import output_head
     from .logprobs import per_token_logps, token_entropy
-    from .objective import packed_logits, splits_rows
+    from .objective import feeds_halves, packed_logits
 
     was_training = getattr(model, "training", False)
     model.eval()
-    head, split = output_head(model), splits_rows(model)
+    head, halves = output_head(model), feeds_halves(model)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
     logps: list = [None] * len(sequences)
     ents: list = [None] * len(sequences) if entropy else None
@@ -50,7 +50,7 @@ def score_sequences(model, sequences: Sequence[tuple[np.ndarray, np.ndarray]], b
         tokens = pad_rows([np.concatenate([sequences[i][0], sequences[i][1]]) for i in idx], pad_id)
         starts = np.asarray([len(sequences[i][0]) - 1 for i in idx], np.int32)
         keep = np.asarray([len(sequences[i][1]) for i in idx], np.int32)
-        feed = feed_rows(tokens, starts, keep, split=split)
+        feed = feed_rows(tokens, starts, keep, halves=halves)
         groups = tuple(mx.array(g) for g in feed.groups)
         positions = mx.array(feed.positions)
         logits = packed_logits(model, groups, positions, head)  # (R, V)
@@ -58,10 +58,10 @@ def score_sequences(model, sequences: Sequence[tuple[np.ndarray, np.ndarray]], b
         lp = per_token_logps(logits[None], targets[None])[0]
         ent = token_entropy(logits[None])[0] if entropy else None
         mx.eval([a for a in (lp, ent) if a is not None])
-        for j, per_row in enumerate(split_packed(np.asarray(lp), feed.rows, len(idx))):
+        for j, per_row in enumerate(unpack_rows(np.asarray(lp), feed.rows, len(idx))):
             logps[idx[j]] = per_row
         if entropy:
-            for j, per_row in enumerate(split_packed(np.asarray(ent), feed.rows, len(idx))):
+            for j, per_row in enumerate(unpack_rows(np.asarray(ent), feed.rows, len(idx))):
                 ents[idx[j]] = per_row
         if progress:
             progress(min(b + batch_rows, len(order)), len(order))
@@ -91,7 +91,7 @@ def pair_token_logps(model, pairs: Sequence[TokenizedPair], batch_size: int, pad
     return regroup(logps), regroup(ents)
 
 
-def split_packed(packed: np.ndarray, rows: np.ndarray, n_rows: int) -> list[np.ndarray]:
+def unpack_rows(packed: np.ndarray, rows: np.ndarray, n_rows: int) -> list[np.ndarray]:
     """Packed per-position values -> one float32 array per row, in response order (a Feed lists each row's
     positions contiguously and in order; entries of row -1 are padding)."""
     return [packed[rows == r].astype(np.float32) for r in range(n_rows)]

@@ -41,10 +41,14 @@ def test_no_op_when_switched_off(fresh_status, monkeypatch, value):
     assert not status.active and f"{blas.ENV_SWITCH}={value}" in status.reason
 
 
-def test_no_op_after_mlx_core(fresh_status, monkeypatch):
-    """Once mlx.core is loaded it is too late to route it, and the status says so."""
+@pytest.fixture
+def mlx_core_loaded():
+    """mlx.core imported for real (through poet_mlx's import hook) before `fresh_status` takes effect."""
     import mlx.core  # noqa: F401
 
+
+def test_no_op_after_mlx_core(mlx_core_loaded, fresh_status, monkeypatch):
+    """Once mlx.core is loaded it is too late to route it, and the status says so."""
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.delenv(blas.ENV_SWITCH, raising=False)
     status = blas.enable_fast_blas()

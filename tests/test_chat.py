@@ -138,8 +138,9 @@ def scripted(lines):
 
 
 def test_cli_chat_scripted_session(run, tmp_path):
-    from poet_mlx.cli.chat import main
     from rich.console import Console
+
+    from poet_mlx.cli.chat import main
 
     class CtrlCOnce(Console):
         """Raises KeyboardInterrupt on the first streamed piece, like a user pressing Ctrl-C mid-reply."""

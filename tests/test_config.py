@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from poet_mlx.cli.args import build_config, resume_config
 from poet_mlx.cli.train import build_parser
-
 from poet_mlx.config import GROUPS, DataConfig, LoRAConfig, LossConfig, RunConfig, key_owners, load_yaml, validate
 from poet_mlx.errors import PoetError
 

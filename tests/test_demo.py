@@ -84,9 +84,8 @@ def test_demo_runs_end_to_end_with_tiny_sizes(tmp_path):
 
 
 def test_demo_cli_prints_the_comparison(tmp_path, monkeypatch, capsys):
-    from poet_mlx.cli.main import main as cli
-
     import poet_mlx.demo.toy
+    from poet_mlx.cli.main import main as cli
 
     monkeypatch.setattr(poet_mlx.demo.toy, "DemoSpec", lambda: SMALL)
     rc = cli(["demo", "--folder", str(tmp_path / "d"), "--plain", "--steps", "3", "--generate", "2"])
@@ -102,9 +101,8 @@ def test_demo_cli_prints_the_comparison(tmp_path, monkeypatch, capsys):
 
 
 def test_demo_cli_no_poet_trains_plain_dpo_only(tmp_path, monkeypatch, capsys):
-    from poet_mlx.cli.main import main as cli
-
     import poet_mlx.demo.toy
+    from poet_mlx.cli.main import main as cli
 
     monkeypatch.setattr(poet_mlx.demo.toy, "DemoSpec", lambda: SMALL)
     rc = cli(["demo", "--folder", str(tmp_path / "d"), "--quiet", "--no-poet", "--generate", "0", "--steps", "1"])

@@ -33,8 +33,6 @@ RTOL = 1e-5
 ATOL = 1e-6
 """Absolute floor for near-zero values (rewards, margins and log-ratios when policy ~= reference)."""
 
-MAX_REL: dict[str, tuple[float, float]] = {}
-"""Per metric, the worst (|got - want| / |want|, |got - want| / scale) seen (printed by the last test, -s)."""
 
 
 # ------------------------------------------------------------------ the independent reference side
@@ -186,10 +184,6 @@ def assert_rows_match(got: list[dict], want: list[dict], label: str) -> None:
         assert np.all(np.isfinite(g)), f"{label}: {key} not finite"
         err = np.abs(g - w)
         ok = err <= RTOL * scale + ATOL
-        big = np.abs(w) > 1e-2  # raw relative error, where the value is not rounding noise around 0
-        raw = float((err[big] / np.abs(w[big])).max()) if big.any() else 0.0
-        old_raw, old_scaled = MAX_REL.get(key, (0.0, 0.0))
-        MAX_REL[key] = (max(old_raw, raw), max(old_scaled, float((err / scale).max())))
         bad = np.flatnonzero(~ok)
         assert ok.all(), (f"{label}: {key} differs at pairs {bad.tolist()}: got {g[bad].tolist()}, "
                           f"want {w[bad].tolist()} (max error / scale {(err / scale).max():.2e})")
@@ -246,11 +240,3 @@ def test_eval_simpo_sft_term_uses_full_chosen(tiny_model_dir, eval_file, base_si
     want = expected_rows(pairs, base, None, "simpo", True, sft_weight=0.5)
     assert "sft_nll" in got[0]
     assert_rows_match(got, want, "simpo poet sft")
-
-
-def test_report_max_relative_differences():
-    """Not a check: prints the worst relative differences seen above (run with -s)."""
-    if MAX_REL:
-        print("\nmax |got - want| / |want| (where |want| > 1e-2), and / scale:")
-        for key, (raw, scaled) in sorted(MAX_REL.items()):
-            print(f"  {key:22s} {raw:.1e}  {scaled:.1e}")

@@ -169,7 +169,7 @@ def test_export_refuses_full_runs_and_never_writes_into_the_run(lora_run, tmp_pa
 def test_fused_logits_equal_adapter_logits(lora_run, tiny_model_dir, tmp_path):
     from mlx_lm import load
 
-    from poet_mlx.export.peft import fuse_run
+    from poet_mlx.export.fuse import fuse_run
 
     model, base = adapter_model(tiny_model_dir, lora_run)
     want = logits(model)
@@ -193,7 +193,7 @@ def test_fuse_quantized_base(quant_run, tiny_quant_model_dir, tmp_path):
     import mlx.core as mx
     from mlx_lm import load
 
-    from poet_mlx.export.peft import fuse_run
+    from poet_mlx.export.fuse import fuse_run
 
     model, base = adapter_model(tiny_quant_model_dir, quant_run)
     want = logits(model)
@@ -224,7 +224,7 @@ def test_fuse_quantized_base(quant_run, tiny_quant_model_dir, tmp_path):
 
 def test_fuse_refuses_to_overwrite_and_is_atomic(lora_run, tmp_path, monkeypatch):
     from poet_mlx.errors import PoetError
-    from poet_mlx.export.peft import fuse_run
+    from poet_mlx.export.fuse import fuse_run
 
     out = tmp_path / "fused"
     out.mkdir()
@@ -253,7 +253,7 @@ def test_fuse_refuses_to_overwrite_and_is_atomic(lora_run, tmp_path, monkeypatch
 
 
 def test_model_card(lora_run, tmp_path):
-    from poet_mlx.export.peft import fuse_run
+    from poet_mlx.export.fuse import fuse_run
 
     fuse_run(lora_run, tmp_path / "fused")
     card = (tmp_path / "fused" / "README.md").read_text()

@@ -395,14 +395,14 @@ def test_learning_watch_rules():
 
 def test_a_run_that_learns_nothing_warns_everywhere_and_a_big_one_warns_about_memory(
         tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
-    from poet_mlx.data import preflight
     from poet_mlx.train import health
+    from poet_mlx.train import memory as memory_mod
 
     monkeypatch.setattr(health, "LEARNING_PATIENCE", 3)
-    monkeypatch.setattr(preflight, "total_memory", lambda: 10**6)  # a 1 MB machine
+    monkeypatch.setattr(memory_mod, "total_memory", lambda: 10**6)  # a 1 MB machine
     estimates = []
-    real_estimate = preflight.estimate_run_memory
-    monkeypatch.setattr(preflight, "estimate_run_memory", lambda *a: estimates.append(real_estimate(*a))
+    real_estimate = memory_mod.estimate_run_memory
+    monkeypatch.setattr(memory_mod, "estimate_run_memory", lambda *a: estimates.append(real_estimate(*a))
                         or estimates[-1])
     run, rec = tmp_path / "run", RecordingReporter()
     mx.reset_peak_memory()
@@ -416,13 +416,17 @@ def test_a_run_that_learns_nothing_warns_everywhere_and_a_big_one_warns_about_me
     assert any("loss has not moved" in w for w in summary["warnings"])
     assert any("adapters have not changed" in w for w in summary["warnings"])
     assert set(rec.of("warning")) == set(summary["warnings"])
+    # The measured peak is checked too, once, by the library: --plain and CI runs see it, not only the dashboard.
+    peak = [w for w in summary["warnings"] if w.startswith("peak memory")]
+    assert len(peak) == 1 and "over 90% of the machine's 1 MB" in peak[0]
+    assert "memory" in kinds
     # The estimate is in the right range: within a factor of 2 of the measured peak (tiny model, CPU).
     est, _ = estimates[0]
     assert 0.5 < est.total / (summary["peak_memory_gb"] * 1e9) < 2.0
 
 
 def test_memory_estimate_scales_as_documented():
-    from poet_mlx.data.preflight import LOGIT_COPIES, estimate_memory
+    from poet_mlx.train.memory import LOGIT_COPIES, estimate_memory
 
     dims = {"hidden_size": 896, "num_hidden_layers": 24, "intermediate_size": 4864, "vocab_size": 151936,
             "num_attention_heads": 14}

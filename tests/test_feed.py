@@ -20,6 +20,7 @@ from poet_mlx.head import output_head
 from poet_mlx.objective import (
     batch_inputs,
     batch_objective,
+    metric_names,
     model_token_logps,
     response_token_logps,
     row_sums,
@@ -94,7 +95,7 @@ def test_feed_positions_point_at_each_response_token():
         np.testing.assert_array_equal(targets[feed.positions[mine]], response)
     real = int(batch.keep_lens.sum())
     assert len(feed.positions) == packed_size(real) and (feed.rows[real:] == -1).all()
-    assert padding_fraction(batch) < padding_fraction(batch, split=False)
+    assert padding_fraction(batch) < padding_fraction(batch, halves=False)
 
 
 # ------------------------------------------------------------------ the output head
@@ -137,9 +138,9 @@ def test_output_head_refused_when_the_forward_does_more():
 # ------------------------------------------------------------------ fast path == plain path
 
 
-def objective_and_grads(model, batch, objective, split, head):
+def objective_and_grads(model, batch, objective, halves, head):
     def loss_fn(m):
-        loss, metrics = batch_objective(m, *batch_inputs(batch, split=split), objective, head)
+        loss, metrics = batch_objective(m, *batch_inputs(batch, halves=halves), objective, head)
         return loss, metrics
 
     (loss, metrics), grads = nn.value_and_grad(model, loss_fn)(model)
@@ -158,9 +159,10 @@ def test_fast_path_equals_plain_path(loss, poet, sft, tie):
     ref = [(rng.normal(-4, 1, len(p.chosen)).astype(np.float32), rng.normal(-4, 1, len(p.rejected)).astype(np.float32))
            for p in pairs]
     batch = make_batch(pairs, [0, 2, 4, 5], layouts, ref if objective.needs_reference else None)
-    plain = objective_and_grads(model, batch, objective, split=False, head=None)
-    fast = objective_and_grads(model, batch, objective, split=True, head=output_head(model))
+    plain = objective_and_grads(model, batch, objective, halves=False, head=None)
+    fast = objective_and_grads(model, batch, objective, halves=True, head=output_head(model))
     np.testing.assert_allclose(np.array(fast[0]), np.array(plain[0]), rtol=1e-5)
+    assert list(plain[1]) == metric_names(objective)  # the trainer logs exactly these, in this order
     for name in plain[1]:
         np.testing.assert_allclose(np.array(fast[1][name]), np.array(plain[1][name]), rtol=1e-5, atol=1e-5)
     assert plain[2] and set(fast[2]) == set(plain[2])
@@ -197,12 +199,12 @@ def test_loaded_models_use_the_head_path(tiny_model_dir, tiny_quant_model_dir):
     split in halves except where every forward re-expands 4-bit weights (fast_quant, Linux CPU)."""
     from poet_mlx.backends import fast_quant
     from poet_mlx.models import load_model
-    from poet_mlx.objective import splits_rows
+    from poet_mlx.objective import feeds_halves
 
     for path, quantized in ((tiny_model_dir, False), (tiny_quant_model_dir, True)):
         model, _, _ = load_model(str(path))
         assert output_head(model) is model.lm_head, path
-        assert splits_rows(model) == (not (quantized and fast_quant.wanted())), path
+        assert feeds_halves(model) == (not (quantized and fast_quant.wanted())), path
 
 
 def test_probe_verdict_is_kept_until_the_head_changes():

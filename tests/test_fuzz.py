@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+
 from poet_mlx.cli.main import main
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731

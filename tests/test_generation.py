@@ -168,7 +168,6 @@ def test_implicit_judge_is_the_runs_dpo_reward(tiny_model_dir, trained_run):
 def test_eval_cli_prefix_curve_entropy_generation_and_compare(tiny_model_dir, tiny_data_dir, trained_run, tmp_path,
                                                               capsys):
     from poet_mlx.cli.main import main as cli
-
     from poet_mlx.train.run import run_training
 
     other = tmp_path / "other"

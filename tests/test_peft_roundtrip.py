@@ -49,7 +49,7 @@ def test_peft_adapters_match_mlx(kind, request, tiny_model_dir, tmp_path):
 def test_dequantized_fuse_loads_in_transformers(request, tiny_quant_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from poet_mlx.export.peft import fuse_run
+    from poet_mlx.export.fuse import fuse_run
 
     quant_run = request.getfixturevalue("quant_run")
     model, _ = adapter_model(tiny_quant_model_dir, quant_run)

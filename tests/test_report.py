@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 from conftest import run_config
+
 from poet_mlx.cli.charts import Chart, Series, nice_range, nice_ticks, plot_series, tick_label
 from poet_mlx.cli.main import main
 from poet_mlx.cli.report import label_runs, load_run, run_label

@@ -14,11 +14,13 @@ import shlex
 
 import pytest
 from conftest import run_config
-from poet_mlx.cli.charts import History, block_chart, downsample, sparkline
-from poet_mlx.cli.dashboard import DashboardReporter
-from poet_mlx.cli.ui import PlainReporter, kv_line, next_commands, parse_plain_line, print_summary
 from rich.console import Console
 from rich.text import Text
+
+from poet_mlx.cli.charts import History, block_chart, downsample, sparkline
+from poet_mlx.cli.dashboard import DashboardReporter
+from poet_mlx.cli.formats import kv_line, parse_plain_line
+from poet_mlx.cli.ui import PlainReporter, next_commands, print_summary
 
 ANSI = re.compile(r"\x1b\[")
 # Written independently of cli/ui.py: KIND, then key=value pairs; a value is bare or a JSON string.
@@ -111,7 +113,7 @@ def lines_of(con: Console) -> list[str]:
 def test_dashboard_renders_a_run_at_several_widths(width):
     clock, stop = Clock(), []
     con = console(width)
-    d = DashboardReporter(console=con, clock=clock, stop=lambda: bool(stop), memory_gb=64.0)
+    d = DashboardReporter(console=con, clock=clock, stop=lambda: bool(stop))
     frames = []
     original_step = d.step
 
@@ -143,7 +145,7 @@ def test_dashboard_renders_a_run_at_several_widths(width):
 def test_dashboard_shows_each_phase_before_training_with_its_note():
     clock = Clock()
     con = console(100)
-    d = DashboardReporter(console=con, clock=clock, memory_gb=64.0)
+    d = DashboardReporter(console=con, clock=clock)
     d.phase("loading model", 0, None)
     clock.now += 2.0
     d.phase("loading model", 1, 1)
@@ -160,7 +162,7 @@ def test_dashboard_shows_each_phase_before_training_with_its_note():
 
 def test_dashboard_notices_ctrl_c_before_the_step_ends():
     stop = []
-    d = DashboardReporter(console=console(100), clock=Clock(), stop=lambda: bool(stop), memory_gb=64.0)
+    d = DashboardReporter(console=console(100), clock=Clock(), stop=lambda: bool(stop))
     d.step(1, 10, step_metrics(1))
     d.console.print(d.render())
     assert "Ctrl-C" not in d.console.export_text()
@@ -169,15 +171,17 @@ def test_dashboard_notices_ctrl_c_before_the_step_ends():
     assert "Ctrl-C: stopping after this step and saving a checkpoint" in d.console.export_text()
 
 
-def test_dashboard_warns_on_memory_near_the_limit_and_on_non_finite_loss():
-    d = DashboardReporter(console=console(100), clock=Clock(), memory_gb=8.0)
+def test_dashboard_shows_warnings_and_flags_a_non_finite_loss():
+    """Memory warnings come from the library (`train.memory.peak_memory_warning`, tested in test_faults) as
+    `warning` calls and records, like every other warning."""
+    d = DashboardReporter(console=console(100), clock=Clock())
     d.log({"step": 10, "loss": 0.5, "peak_memory_gb": 7.0})
     assert d.warnings == []
-    d.log({"step": 20, "loss": 0.5, "peak_memory_gb": 7.5})
-    assert len(d.warnings) == 1 and "7.5 GB" in d.warnings[0] and "8.0 GB" in d.warnings[0]
-    d.log({"step": 30, "loss": 0.5, "peak_memory_gb": 7.6})
+    d.warning("peak memory 7.5 GB is over 90% of the machine's 8.0 GB: ...")
+    d.warning("peak memory 7.5 GB is over 90% of the machine's 8.0 GB: ...")  # shown once
+    assert len(d.warnings) == 1
     d.step(31, 100, {**step_metrics(31), "loss": float("nan")})
-    assert len(d.warnings) == 3 and "non-finite loss" in d.warnings[2]
+    assert len(d.warnings) == 2 and "non-finite loss" in d.warnings[1]
     d.log({"step": 32, "warning": "loss has not moved for 50 steps"})  # a warning record of metrics.jsonl
     assert d.warnings[-1] == "loss has not moved for 50 steps"
 
@@ -185,7 +189,7 @@ def test_dashboard_warns_on_memory_near_the_limit_and_on_non_finite_loss():
 def test_dashboard_as_live_context_manager_leaves_the_last_frame():
     con = console(120)
     clock = Clock()
-    with DashboardReporter(console=con, clock=clock, memory_gb=64.0, refresh_per_second=50) as d:
+    with DashboardReporter(console=con, clock=clock, refresh_per_second=50) as d:
         feed(d, clock)
     text = con.export_text()
     assert "stopped at step 37" in text and "poet-mlx train" in text
@@ -359,7 +363,6 @@ def test_summary_of_a_stopped_run_gives_the_resume_command(tmp_path):
 def test_stopped_real_run_summary_resumes_with_the_printed_command(tiny_model_dir, tiny_data_dir, tmp_path):
     """Ctrl-C's path in process: the stop flag ends the run early, and the printed command resumes it."""
     from poet_mlx.cli.main import main
-
     from poet_mlx.reporting import RecordingReporter
     from poet_mlx.train.run import run_training
 

@@ -59,8 +59,6 @@ def run_evaluation(cfg: RunConfig, adapter_path: Optional[str], reporter: Report
         generation: a `generation.GenerationOptions`: sample replies for the first N prompts from the base
             (adapters off) and from each run, judge them, and give each run's win rate over the base.
     """
-    from ..train.evaluation import evaluate
-
     reporter = reporter or Reporter()
     runs = [str(r) for r in (adapter_path, *compare) if r]
     if generation is not None and not runs:
@@ -75,17 +73,9 @@ def run_evaluation(cfg: RunConfig, adapter_path: Optional[str], reporter: Report
     reporter.phase("loading model", 0, None)
     model, tokenizer, path = load_model(cfg.model.model, cfg.model.revision, cfg.model.trust_remote_code)
     reporter.phase("loading model", 1, 1)
-    objective = cfg.loss
-    data = loaded = None
-    for split in eval_splits(cfg.data.data):
-        loaded = read_split(cfg, split, reporter)
-        if loaded is not None:
-            data = tokenize_split(cfg, *loaded, tokenizer, split, reporter)
-            break
-    if data is None:
-        raise PoetError(f"no evaluation data in {cfg.data.data}")
-    s = pair_set(data.pairs, objective)
-    if objective.needs_reference:
+    data, rows = _eval_data(cfg, tokenizer, reporter)
+    s = pair_set(data.pairs, cfg.loss)
+    if cfg.loss.needs_reference:
         fill_reference({"eval": s}, cfg, model, path, tokenizer, reporter)
     labels = _run_labels(runs) if runs else ["base"]
     result = EvalResult({}, [], {}, [], [], {}, [], judge.name if judge else None)
@@ -96,21 +86,37 @@ def run_evaluation(cfg: RunConfig, adapter_path: Optional[str], reporter: Report
             model, _, _ = load_model(cfg.model.model, cfg.model.revision, cfg.model.trust_remote_code)
         if run:
             load_adapters(model, run)
-        name = "evaluating" + (f" {label}" if run else "")
-        means, per_pair = evaluate(model, s, objective, cfg.train.batch_size, pad_id(tokenizer),
-                                   progress=lambda d, tot: reporter.phase(name, d, tot))
-        means.update({"pairs": len(s), **poet_stats([s])})
-        if i == 0:
-            result.means = means
-            result.rows = [{"index": p.index, **{k: float(v[j]) for k, v in per_pair.items()}}
-                           for j, p in enumerate(s.pairs)]
-        result.runs[label] = means
+        _score_run(model, s, label, run, cfg, tokenizer, reporter, result, first=i == 0)
         if prefix_curve or entropy:
-            _token_analyses(model, run, label, s, objective, cfg, tokenizer, reporter, result, prefix_curve,
+            _token_analyses(model, run, label, s, cfg.loss, cfg, tokenizer, reporter, result, prefix_curve,
                             entropy, first=i == 0)
         if generation is not None:
-            _generation_check(model, label, s, loaded[0], tokenizer, generation, judge, reporter, result)
+            _generation_check(model, label, s, rows, tokenizer, generation, judge, reporter, result)
     return result
+
+
+def _eval_data(cfg: RunConfig, tokenizer, reporter: Reporter) -> tuple:
+    """(SplitData, rows) of the first split `eval_splits` finds; PoetError when there is none."""
+    for split in eval_splits(cfg.data.data):
+        loaded = read_split(cfg, split, reporter)
+        if loaded is not None:
+            return tokenize_split(cfg, *loaded, tokenizer, split, reporter), loaded[0]
+    raise PoetError(f"no evaluation data in {cfg.data.data}")
+
+
+def _score_run(model, s, label, run, cfg: RunConfig, tokenizer, reporter, result: "EvalResult", first: bool) -> None:
+    """The training objective's metrics of one model on every pair, into `result` (rows for the first)."""
+    from ..train.evaluation import evaluate
+
+    name = "evaluating" + (f" {label}" if run else "")
+    means, per_pair = evaluate(model, s, cfg.loss, cfg.train.batch_size, pad_id(tokenizer),
+                               progress=lambda d, tot: reporter.phase(name, d, tot))
+    means.update({"pairs": len(s), **poet_stats([s])})
+    if first:
+        result.means = means
+        result.rows = [{"index": p.index, **{k: float(v[j]) for k, v in per_pair.items()}}
+                       for j, p in enumerate(s.pairs)]
+    result.runs[label] = means
 
 
 def _check_runs(runs: list, cfg: RunConfig, reporter: Reporter) -> None:

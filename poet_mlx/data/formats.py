@@ -221,6 +221,31 @@ def _check_response(conv: list[dict], name: str) -> None:
                          "an assistant message")
 
 
+def _split_prompt(rec: dict, chosen: Text, rejected: Text, implicit: bool) -> tuple[Text, Text, Text]:
+    """(prompt, chosen, rejected) with the prompt separated from the responses, whichever way the row gives it:
+    implicitly (a shared opening), as a message list with string responses, or as the string opening of
+    full conversations (UltraFeedback binarized)."""
+    if implicit:
+        prompt, chosen, rejected = extract_prompt(chosen, rejected)
+        if _is_blank(prompt):
+            unit = "text" if isinstance(prompt, str) else "messages"
+            raise RowProblem(f"no 'prompt' field, and 'chosen' and 'rejected' do not begin with common {unit} to use "
+                             "as the prompt (implicit prompt format); add a 'prompt' field")
+        return prompt, chosen, rejected
+    prompt = _field(rec, "prompt")
+    if isinstance(prompt, list) and isinstance(chosen, str):
+        chosen, rejected = ([{"role": "assistant", "content": t}] for t in (chosen, rejected))
+    elif isinstance(prompt, str) and isinstance(chosen, list):
+        if _opens_with(chosen, prompt) and _opens_with(rejected, prompt):  # UltraFeedback binarized
+            prompt, chosen, rejected = extract_prompt(chosen, rejected)
+        elif all(m["role"] in ("assistant", "tool") for m in chosen + rejected):
+            prompt = [{"role": "user", "content": prompt}]
+        else:
+            raise RowProblem("field 'prompt' is a string but 'chosen'/'rejected' are conversations that do not "
+                             "start with it as a user message; give 'prompt' as a list of messages too")
+    return prompt, chosen, rejected
+
+
 def normalize_record(rec: Any) -> tuple[Text, Text, Text, bool, Optional[str], str]:
     """Detect a row's format and normalize it.
 
@@ -240,24 +265,7 @@ def normalize_record(rec: Any) -> tuple[Text, Text, Text, bool, Optional[str], s
         raise RowProblem(f"field 'chosen' is {describe(rec['chosen'])} but 'rejected' is {describe(rec['rejected'])}; "
                          "both must be strings (standard format) or both lists of messages (conversational)")
     implicit = "prompt" not in rec
-    if implicit:
-        prompt, chosen, rejected = extract_prompt(chosen, rejected)
-        if _is_blank(prompt):
-            unit = "text" if isinstance(prompt, str) else "messages"
-            raise RowProblem(f"no 'prompt' field, and 'chosen' and 'rejected' do not begin with common {unit} to use "
-                             "as the prompt (implicit prompt format); add a 'prompt' field")
-    else:
-        prompt = _field(rec, "prompt")
-        if isinstance(prompt, list) and isinstance(chosen, str):
-            chosen, rejected = ([{"role": "assistant", "content": t}] for t in (chosen, rejected))
-        elif isinstance(prompt, str) and isinstance(chosen, list):
-            if _opens_with(chosen, prompt) and _opens_with(rejected, prompt):  # UltraFeedback binarized
-                prompt, chosen, rejected = extract_prompt(chosen, rejected)
-            elif all(m["role"] in ("assistant", "tool") for m in chosen + rejected):
-                prompt = [{"role": "user", "content": prompt}]
-            else:
-                raise RowProblem("field 'prompt' is a string but 'chosen'/'rejected' are conversations that do not "
-                                 "start with it as a user message; give 'prompt' as a list of messages too")
+    prompt, chosen, rejected = _split_prompt(rec, chosen, rejected, implicit)
     conversational = isinstance(prompt, list)
     system = rec.get("system")
     if system is not None and not isinstance(system, str):

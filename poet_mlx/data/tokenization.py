@@ -1,4 +1,4 @@
-"""Preference rows -> token ids: chat template, TRL's prompt/response split, EOS, and the length cuts.
+"""Preference rows -> token ids: chat template, TRL's prompt/response boundary, EOS, and the length cuts.
 
 Convention (TRL >= 0.29, POET.md):
 - Conversational rows always go through the tokenizer's chat template: the prompt messages rendered with
@@ -8,7 +8,7 @@ Convention (TRL >= 0.29, POET.md):
   BOS only if the tokenizer adds one), full = tokenizer(prompt + response + eos_text) unless the response
   already ends with the EOS text.
 - The response is the full ids minus their common prefix with the prompt ids, so a token merged across the
-  boundary belongs to the response. Chosen and rejected share the prompt: the split point is the shorter of
+  boundary belongs to the response. Chosen and rejected share the prompt: the prompt boundary is the shorter of
   their two common prefixes. A response with no EOS token gets the tokenizer's EOS appended.
 - Length cuts (TRL's semantics): a prompt longer than `max_prompt_length` keeps its last tokens; then each
   response is cut at its end so that prompt + response <= `max_length` (a cut response loses its EOS).
@@ -159,13 +159,13 @@ def tokenize_pairs(
         flat = _encode_all(tokenizer, [t for tt in texts for t in tt[:3]], add_special)
         for j, row in enumerate(batch):
             p_ids, c_full, r_full = flat[3 * j : 3 * j + 3]
-            split = min(common_prefix_len(p_ids, c_full), common_prefix_len(p_ids, r_full))
-            chosen, rejected = c_full[split:], r_full[split:]
+            boundary = min(common_prefix_len(p_ids, c_full), common_prefix_len(p_ids, r_full))
+            chosen, rejected = c_full[boundary:], r_full[boundary:]
             for resp in (chosen, rejected):
                 if eos_id is not None and not eos_ids.intersection(resp):
                     resp.append(eos_id)
                     report.eos_appended += 1
-            cut = _cut(c_full[:split], chosen, rejected, max_length, max_prompt_length, report)
+            cut = _cut(c_full[:boundary], chosen, rejected, max_length, max_prompt_length, report)
             if cut is not None:
                 arrays = [np.asarray(x, dtype=np.int32) for x in cut]
                 pairs.append(TokenizedPair(*arrays, index=row.index, where=row.where))

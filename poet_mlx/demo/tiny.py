@@ -140,6 +140,33 @@ def _tokenizer_config(chat_template: bool, add_bos: bool) -> dict:
     return cfg
 
 
+def llama_config(hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int, intermediate_size: int,
+                 vocab_size: int) -> dict:
+    """The config.json of a tiny float32 Llama with this module's special tokens."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": hidden_size // num_heads,
+        "intermediate_size": intermediate_size,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 2048,
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": SPECIAL_TOKENS.index(BOS),
+        "eos_token_id": SPECIAL_TOKENS.index(END),
+        "pad_token_id": SPECIAL_TOKENS.index(PAD),
+        "torch_dtype": "float32",
+    }
+
+
 def save_tiny_model(
     path,
     *,
@@ -181,28 +208,7 @@ def save_tiny_model(
     tok.save(str(out / "tokenizer.json"))
     real_vocab = tok.get_vocab_size()
 
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": num_kv_heads,
-        "head_dim": hidden_size // num_heads,
-        "intermediate_size": intermediate_size,
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "max_position_embeddings": 2048,
-        "vocab_size": real_vocab,
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": SPECIAL_TOKENS.index(BOS),
-        "eos_token_id": SPECIAL_TOKENS.index(END),
-        "pad_token_id": SPECIAL_TOKENS.index(PAD),
-        "torch_dtype": "float32",
-    }
+    config = llama_config(hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, real_vocab)
     args = ModelArgs.from_dict(config)
     model = Model(args)
     _init_weights(model, seed)
@@ -218,6 +224,12 @@ def save_tiny_model(
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     save_config(dict(config), out / "config.json")  # also mirrors "quantization" as "quantization_config"
 
+    _write_tokenizer_configs(out, chat_template, add_bos)
+    return out
+
+
+def _write_tokenizer_configs(out: Path, chat_template: bool, add_bos: bool) -> None:
+    """tokenizer_config.json and special_tokens_map.json, as transformers writes them."""
     tok_cfg = _tokenizer_config(chat_template, add_bos)
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     special_map = {
@@ -227,4 +239,3 @@ def save_tiny_model(
         "additional_special_tokens": tok_cfg["additional_special_tokens"],
     }
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
-    return out

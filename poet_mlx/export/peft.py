@@ -1,11 +1,6 @@
-"""Take a trained run elsewhere: fuse its adapters into a standalone model, or export them to Hugging Face PEFT.
-
-- `fuse_run`: mlx-lm's own fuse (each LoRA/DoRA layer's `.fuse()`), optionally dequantized, saved with mlx-lm's
-  writers; the folder loads with `mlx_lm.load`, and when dequantized with `transformers` too.
-- `export_peft`: adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads.
-- Both write a model card (README.md) with the training facts of the run, never write into the run folder,
-  refuse a non-empty output folder unless `force`, and build the output in a temporary folder next to it that
-  is renamed into place only when complete.
+"""Export a run's adapters to Hugging Face PEFT: adapter_config.json + adapter_model.safetensors that
+`peft.PeftModel.from_pretrained` loads, with a model card (README.md). Written like every export
+(`export.folders`): never into the run folder, never over a non-empty folder unless `force`, atomically.
 
 The PEFT mapping (mlx-lm's LoRALinear computes y = W x + scale * (x @ lora_a) @ lora_b; PEFT's Linear
 computes y = W x + (lora_alpha / r) * lora_B(lora_A(x))):
@@ -22,12 +17,7 @@ mistral, qwen2/3, gemma); the PEFT round-trip test checks it on a llama.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -35,6 +25,7 @@ from typing import Optional
 from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE
 from ..errors import PoetError
 from ..models import HUB_ID
+from .folders import atomic_folder, base_quantization, check_output, original_base
 from .model_card import RunInfo, model_card, read_run
 
 PEFT_CONFIG = "adapter_config.json"
@@ -144,111 +135,9 @@ def peft_config(layout: PeftLayout, scale: float, dropout: float, base_model: st
 
 
 # -- facts about the base model -------------------------------------------------------------------------------
-def _base_file(model: str, name: str) -> Optional[Path]:
-    """A file of the base model if it is on this machine (local folder or hub cache); never downloads."""
-    local = Path(model).expanduser()
-    if local.is_dir():
-        return local / name if (local / name).is_file() else None
-    if not HUB_ID.match(model):
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(model, name)
-    except Exception:  # a malformed cache is no reason to fail an export
-        return None
-    return Path(found) if isinstance(found, str) else None
-
-
-def base_quantization(model: str) -> tuple[Optional[dict], bool]:
-    """(mlx quantization settings or None, whether the base's config.json could be read at all)."""
-    cfg = _base_file(model, "config.json")
-    if cfg is None:
-        return None, False
-    try:
-        config = json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return None, False
-    quant = config.get("quantization") or config.get("quantization_config")
-    return (quant if isinstance(quant, dict) and quant.get("bits") else None), True
-
-
-def original_base(model: str) -> Optional[str]:
-    """The `base_model` an mlx-community conversion names in its model card front matter, if available."""
-    card = _base_file(model, "README.md")
-    if card is None:
-        return None
-    text = card.read_text(encoding="utf-8", errors="replace")
-    if not text.startswith("---"):
-        return None
-    import yaml
-
-    try:
-        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
-    except (yaml.YAMLError, IndexError):
-        return None
-    base = meta.get("base_model") if isinstance(meta, dict) else None
-    if isinstance(base, list):
-        base = base[0] if len(base) == 1 else None
-    return base if isinstance(base, str) and HUB_ID.match(base) else None
 
 
 # -- output folders ---------------------------------------------------------------------------------------------
-def _inside(a: Path, b: Path) -> bool:
-    """Whether `a` is `b` or lies under it (resolved paths)."""
-    return a == b or b in a.parents
-
-
-def check_output(out: str | Path, force: bool, protect: dict[str, Path], flag: str) -> Path:
-    """Refuse an output folder that is a file, non-empty (without force), or overlaps a protected folder.
-
-    `protect` maps a description ("adapter folder") to a folder that must neither receive files nor be
-    replaced by --force (which would delete it if it lay inside the output).
-    """
-    out = Path(out).expanduser()
-    target = out.resolve()
-    for what, folder in protect.items():
-        folder = Path(folder).expanduser().resolve()
-        if _inside(target, folder) or _inside(folder, target):
-            raise PoetError(f"{flag} {out} overlaps the {what} {folder}; poet-mlx never writes there. "
-                            f"Choose a {flag} outside it")
-    if out.exists() and not out.is_dir():
-        raise PoetError(f"{flag} {out} is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise PoetError(f"{flag} {out} exists and is not empty; pass --force to replace it, or choose "
-                        "another folder")
-    return out
-
-
-@contextmanager
-def atomic_folder(out: Path):
-    """Yield a temporary folder next to `out`; on success it replaces `out` (a rename), on error it vanishes.
-
-    Readers never see a half-written `out`. Replacing (--force) moves the old folder aside first, into a
-    hidden `.{name}.old-*` folder that is deleted after the swap; a crash in between leaves it there.
-    """
-    from ..fsutil import fsync_dir
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); a model folder is an ordinary, readable folder
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):  # fsutil's atomic writes leave files private (0600) like mkstemp
-            if f.is_file():
-                os.chmod(f, 0o644)
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- PEFT export ------------------------------------------------------------------------------------------------
@@ -332,65 +221,5 @@ def _peft_base(info: RunInfo, base_model_id: Optional[str]) -> tuple[str, list]:
 
 
 # -- fuse -------------------------------------------------------------------------------------------------------
-@dataclass
-class FuseResult:
-    path: Path
-    base_model: str
-    fused_modules: int
-    dequantized: bool
-    quantization: Optional[dict]
-    warnings: list = field(default_factory=list)
 
 
-def fuse_run(adapter_path: str | Path, save_path: str | Path, model: Optional[str] = None,
-             dequantize: bool = False, force: bool = False, trust_remote_code: bool = False) -> FuseResult:
-    """Fuse the run's adapters into its base model and save a standalone model folder with a model card.
-
-    Uses mlx-lm's pieces: each adapter layer's `.fuse(dequantize=...)` (a quantized base stays quantized
-    unless `dequantize`: the fused weight W + scale * B^T A^T is re-quantized, so it differs from the adapter
-    model by one rounding of the weights), `dequantize_model` for the layers without adapters, and
-    `save_model`/`save_config`/`tokenizer.save_pretrained` for the files.
-    """
-    from mlx.utils import tree_unflatten
-    from mlx_lm.utils import dequantize_model, load_config, save_config, save_model
-
-    from ..adapters import load_adapters
-    from ..fsutil import write_text_atomic
-    from ..models import load_model
-
-    info = read_run(adapter_path)
-    base = model or info.base_model
-    if not base:
-        raise PoetError(f"{info.path / ADAPTER_CONFIG} names no base model; pass --model")
-    protect = {"adapter folder": info.path}
-    local = Path(base).expanduser()
-    if local.is_dir():
-        protect["base model folder"] = local
-    out = check_output(save_path, force, protect, "--save-path")
-
-    revision = None if model else info.config.get("revision")  # the run's revision belongs to the run's model
-    loaded, tokenizer, path = load_model(base, revision, trust_remote_code)
-    config = load_config(Path(path))
-    quant = config.get("quantization")
-    load_adapters(loaded, info.path)
-    fused = [(name, m.fuse(dequantize=dequantize)) for name, m in loaded.named_modules() if hasattr(m, "fuse")]
-    if fused:
-        loaded.update_modules(tree_unflatten(fused))
-    if dequantize:
-        loaded = dequantize_model(loaded)
-        config.pop("quantization", None)
-        config.pop("quantization_config", None)
-    warnings = []
-    if not fused and info.fine_tune_type != "full":
-        warnings.append("no adapter layer was found to fuse; the output equals the base model")
-
-    with atomic_folder(out) as tmp:
-        save_model(tmp, loaded, donate_model=False)
-        save_config(config, tmp / "config.json")
-        tokenizer.save_pretrained(str(tmp))
-        for pattern in ("*.py", "generation_config.json"):  # custom code and generation defaults travel along
-            for f in Path(path).glob(pattern):
-                shutil.copy(f, tmp / f.name)
-        write_text_atomic(tmp / "README.md", model_card(info, kind="fused", base_model=base, dequantized=dequantize,
-                                                        quantization=None if dequantize else quant, name=out.name))
-    return FuseResult(out, base, len(fused), dequantize, None if dequantize else quant, warnings)

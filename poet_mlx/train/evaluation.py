@@ -10,7 +10,7 @@ import numpy as np
 from ..batching import sequential_batches
 from ..config import LossConfig
 from ..head import output_head
-from ..objective import batch_inputs, batch_objective, splits_rows
+from ..objective import batch_inputs, batch_objective, feeds_halves
 from .distributed import World, all_sum
 
 
@@ -27,7 +27,7 @@ def evaluate(model, pair_set, objective: LossConfig, batch_size: int, pad_id: in
     """
     world = world or World()
     model.eval()
-    head, split = output_head(model), splits_rows(model)  # the probe's verdict is kept on the model
+    head, halves = output_head(model), feeds_halves(model)  # the probe's verdict is kept on the model
     n = len(pair_set)
     per_pair: dict[str, np.ndarray] = {}
     lengths = [lay.tokens for lay in pair_set.layouts]
@@ -40,7 +40,7 @@ def evaluate(model, pair_set, objective: LossConfig, batch_size: int, pad_id: in
         n_real = len(mine)
     done = 0
     for j, idx in enumerate(mine):
-        _, metrics = batch_objective(model, *batch_inputs(pair_set.batch(idx, pad_id), split), objective, head)
+        _, metrics = batch_objective(model, *batch_inputs(pair_set.batch(idx, pad_id), halves), objective, head)
         mx.eval(metrics)
         for name, values in metrics.items():
             column = per_pair.setdefault(name, np.zeros(n, np.float64))

@@ -9,13 +9,15 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
+from ..batching import batches_per_epoch
 from ..config import TrainConfig
 
 
 def total_steps(cfg: TrainConfig, num_pairs: int) -> int:
-    batches = math.ceil(num_pairs / cfg.batch_size)
+    """Optimizer steps of the run: --iters, else --epochs passes of micro-batches over the accumulation."""
     if cfg.iters:
         return cfg.iters
+    batches = batches_per_epoch(num_pairs, cfg.batch_size)
     return max(1, math.ceil(cfg.epochs * batches / cfg.grad_accumulation_steps))
 
 

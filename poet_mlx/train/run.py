@@ -13,7 +13,7 @@ from typing import Callable, Optional
 from .. import __version__
 from ..adapters import ADAPTER_CONFIG, adapter_config, attach_trainable, lora_parameters
 from ..batching import pair_set, poet_stats
-from ..config import LossConfig, RunConfig
+from ..config import RunConfig
 from ..data.splits import SplitData, read_split, tokenize_split
 from ..data.tokenization import pad_id
 from ..errors import PoetError
@@ -27,13 +27,8 @@ from .reference import fill_reference
 def run_training(cfg: RunConfig, reporter: Reporter | None = None,
                  should_stop: Callable[[], bool] = lambda: False) -> dict:
     """Train adapters as `cfg` says, into cfg.train.adapter_path. Returns the run summary."""
-    import mlx.core as mx
-
-    from ..data.preflight import memory_warning
-    from ..data.sources import check_source
-    from ..models import resolve_model_path
-    from .distributed import check_batch_divides, check_same_everywhere, init_world
-    from .reference import pairs_digest
+    from .distributed import check_batch_divides, init_world
+    from .memory import memory_warning
     from .trainer import Trainer
 
     t, run = cfg.train, Path(cfg.train.adapter_path)
@@ -41,40 +36,21 @@ def run_training(cfg: RunConfig, reporter: Reporter | None = None,
     # Data parallel (mlx.launch): rank 0 alone draws, logs and writes the run folder.
     reporter = (reporter or Reporter()) if world.is_main else Reporter()
     check_batch_divides(t.batch_size, world)
-    # Everything the user can get wrong is checked before the model loads and before the run folder is
-    # touched: a failed start writes nothing, and --overwrite deletes the old run only once this one can start.
-    check_source(cfg.data)
-    if Path(cfg.model.model).expanduser().exists():
-        resolve_model_path(cfg.model.model)  # a local folder that is not a model: say so before reading data
-    if world.is_main:
-        check_run_folder(run, t.resume, t.overwrite)
-    rows = {split: read_split(cfg, split, reporter) for split in ("train", "valid")}
-    if rows["train"] is None:
-        raise PoetError(f"no training data found in {cfg.data.data}")
-    reporter.phase("loading model", 0, None)
-    model, tokenizer, path = load_model(cfg.model.model, cfg.model.revision, cfg.model.trust_remote_code)
-    reporter.phase("loading model", 1, 1)
-    objective = cfg.loss
-    train = tokenize_split(cfg, *rows["train"], tokenizer, "train", reporter)
-    valid = tokenize_split(cfg, *rows["valid"], tokenizer, "valid", reporter) if rows["valid"] else None
-    check_same_everywhere("settings and data", lambda: json.dumps(cfg.to_flat(), sort_keys=True)
-                          + pairs_digest(train.pairs) + (pairs_digest(valid.pairs) if valid else ""), world)
-    mx.random.seed(t.seed)
+    model, tokenizer, path, train, valid = _load(cfg, reporter, world)
     lora = cfg.lora
     params = lora_parameters(lora.rank, lora.scale, lora.dropout, lora.keys)
     n_layers = attach_trainable(model, lora.fine_tune_type, lora.num_layers, params)
-    sets = {"train": pair_set(train.pairs, objective)}
+    sets = {"train": pair_set(train.pairs, cfg.loss)}
     if valid is not None:
-        sets["valid"] = pair_set(valid.pairs, objective)
+        sets["valid"] = pair_set(valid.pairs, cfg.loss)
     adapter_cfg = adapter_config(lora.fine_tune_type, n_layers, params, cfg.model.model,
                                  {"version": __version__, "config": cfg.to_flat()})
     early_warnings = [w for w in [memory_warning(model, path, cfg, sets["train"])] if w]
     for warning in early_warnings:
         reporter.warning(warning)
-    if objective.needs_reference:
+    if cfg.loss.needs_reference:
         fill_reference(sets, cfg, model, path, tokenizer, reporter, world)
-    facts = model_facts(model, path)
-    header = _header(cfg, facts, objective, train, valid, poet_stats(sets.values()))
+    header = _header(cfg, model_facts(model, path), train, valid, poet_stats(sets.values()))
     header["ranks"] = world.size
     created = not run.exists()
     if world.is_main:
@@ -85,7 +61,7 @@ def run_training(cfg: RunConfig, reporter: Reporter | None = None,
         if world.is_main:
             write_json_atomic(run / ADAPTER_CONFIG, adapter_cfg)
         reporter.header(header)
-        trainer = Trainer(model, objective, t, sets["train"], sets.get("valid"), run, adapter_cfg, reporter,
+        trainer = Trainer(model, cfg.loss, t, sets["train"], sets.get("valid"), run, adapter_cfg, reporter,
                           pad_id(tokenizer), should_stop, world)
         summary = trainer.fit(resume=t.resume)
     except BaseException:
@@ -98,8 +74,40 @@ def run_training(cfg: RunConfig, reporter: Reporter | None = None,
     return summary
 
 
-def _header(cfg: RunConfig, facts, objective: LossConfig, train: SplitData, valid: Optional[SplitData],
-            poet: dict) -> dict:
+def _load(cfg: RunConfig, reporter: Reporter, world) -> tuple:
+    """(model, tokenizer, model path, train SplitData, valid SplitData or None), the model seeded for LoRA init.
+
+    Everything the user can get wrong is checked before the model loads and before the run folder is
+    touched: a failed start writes nothing, and --overwrite deletes the old run only once this one can start.
+    """
+    import mlx.core as mx
+
+    from ..data.sources import check_source
+    from ..models import resolve_model_path
+    from .distributed import check_same_everywhere
+    from .reference import pairs_digest
+
+    t = cfg.train
+    check_source(cfg.data)
+    if Path(cfg.model.model).expanduser().exists():
+        resolve_model_path(cfg.model.model)  # a local folder that is not a model: say so before reading data
+    if world.is_main:
+        check_run_folder(Path(t.adapter_path), t.resume, t.overwrite)
+    rows = {split: read_split(cfg, split, reporter) for split in ("train", "valid")}
+    if rows["train"] is None:
+        raise PoetError(f"no training data found in {cfg.data.data}")
+    reporter.phase("loading model", 0, None)
+    model, tokenizer, path = load_model(cfg.model.model, cfg.model.revision, cfg.model.trust_remote_code)
+    reporter.phase("loading model", 1, 1)
+    train = tokenize_split(cfg, *rows["train"], tokenizer, "train", reporter)
+    valid = tokenize_split(cfg, *rows["valid"], tokenizer, "valid", reporter) if rows["valid"] else None
+    check_same_everywhere("settings and data", lambda: json.dumps(cfg.to_flat(), sort_keys=True)
+                          + pairs_digest(train.pairs) + (pairs_digest(valid.pairs) if valid else ""), world)
+    mx.random.seed(t.seed)
+    return model, tokenizer, path, train, valid
+
+
+def _header(cfg: RunConfig, facts, train: SplitData, valid: Optional[SplitData], poet: dict) -> dict:
     ls, lo = cfg.loss, cfg.lora
     return {
         "model": cfg.model.model,
@@ -107,10 +115,10 @@ def _header(cfg: RunConfig, facts, objective: LossConfig, train: SplitData, vali
         "quantization": facts.quantization or "none",
         "total_params": facts.total_params,
         "trainable_params": facts.trainable_params,
-        "loss": objective.loss,
-        "beta": objective.resolved_beta,
-        "gamma_beta_ratio": objective.gamma_beta_ratio if objective.loss == "simpo" else None,
-        "label_smoothing": objective.label_smoothing,
+        "loss": ls.loss,
+        "beta": ls.resolved_beta,
+        "gamma_beta_ratio": ls.gamma_beta_ratio if ls.loss == "simpo" else None,
+        "label_smoothing": ls.label_smoothing,
         "poet": ls.poet,
         "poet_ratio": ls.poet_ratio,
         "fine_tune_type": lo.fine_tune_type,

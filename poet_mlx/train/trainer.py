@@ -20,16 +20,17 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE, enable_grad_checkpoint, save_adapters, trainable_weights
-from ..batching import PairSet, epoch_batches
+from ..batching import PairSet, batches_per_epoch, epoch_batches
 from ..config import LossConfig, TrainConfig
 from ..errors import PoetError
 from ..head import output_head
-from ..objective import batch_inputs, batch_objective, splits_rows
+from ..objective import batch_inputs, batch_objective, feeds_halves, metric_names
 from ..reporting import Reporter
 from .checkpoint import MetricsLog, latest_checkpoint, load_checkpoint, resume_command, save_checkpoint, write_error
 from .distributed import World, all_sum, broadcast_json, broadcast_tree, shard, weighted_average_tree
 from .evaluation import evaluate
 from .health import LearningWatch
+from .memory import peak_memory_warning
 from .optimization import build_optimizer, total_steps, tree_norm
 
 MAX_WARNINGS_KEPT = 20
@@ -72,7 +73,7 @@ class Trainer:
         self.world = world or World()
         if cfg.grad_checkpoint:
             enable_grad_checkpoint(model)
-        self.head, self.split = output_head(model), splits_rows(model)
+        self.head, self.halves = output_head(model), feeds_halves(model)
         self.train_set, self.valid_set = train, valid
         self.run, self.adapter_cfg = Path(run), adapter_cfg
         self.reporter = reporter or Reporter()
@@ -86,16 +87,17 @@ class Trainer:
         self.initial = {k: mx.array(v) for k, v in trainable_weights(model).items()}
         self._initial_norm = float(tree_norm(self.initial).item())
         self._lengths = [lay.tokens for lay in train.layouts]
+        self._per_epoch = batches_per_epoch(len(train), cfg.batch_size)
         self._epoch_cache: dict[int, list] = {}
 
     # -- data order -------------------------------------------------------------------------------------
     def _micro_batch(self, micro: int) -> list[int]:
         """The pair indices of global micro-batch `micro` (a pure function of seed and position)."""
-        first = self._batches(0)
-        epoch, pos = divmod(micro, len(first))
+        epoch, pos = divmod(micro, self._per_epoch)
         return self._batches(epoch)[pos]
 
     def _batches(self, epoch: int) -> list:
+        """Epoch `epoch`'s batches; only the current epoch's order is kept (computed once per epoch)."""
         if epoch not in self._epoch_cache:
             self._epoch_cache = {epoch: epoch_batches(self._lengths, self.cfg.batch_size, self.cfg.seed, epoch)}
         return self._epoch_cache[epoch]
@@ -104,7 +106,7 @@ class Trainer:
     def _compile(self):
         objective, model, optimizer = self.objective, self.model, self.optimizer
         loss_and_grad = nn.value_and_grad(model, partial(batch_objective, objective=objective, head=self.head))
-        names = self._metric_names()
+        names = metric_names(self.objective)
         grad_state = [model.state, mx.random.state]
 
         @partial(mx.compile, inputs=grad_state, outputs=grad_state)
@@ -124,13 +126,6 @@ class Trainer:
 
         return grad_step, apply_update, names
 
-    def _metric_names(self) -> list[str]:
-        names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                 "logps/chosen", "logps/rejected", "num_tokens/chosen", "num_tokens/rejected"]
-        if self.objective.needs_full_chosen:
-            names.append("sft_nll")
-        return names
-
     # -- one optimizer step -----------------------------------------------------------------------------
     def _step(self, grad_step, apply_update, names):
         """One optimizer step. Returns (values, tokens, scored, pairs, applied); applied is False when the
@@ -144,7 +139,7 @@ class Trainer:
             # Dropout draws from a key fixed by (seed, micro-batch), so a resumed run replays them exactly.
             mx.random.seed(self.cfg.seed * 1_000_003 + self.state.micro)
             local, weight = self._local_share(idx)
-            loss, mvec, g = grad_step(*batch_inputs(self.train_set.batch(local, self.pad_id), self.split))
+            loss, mvec, g = grad_step(*batch_inputs(self.train_set.batch(local, self.pad_id), self.halves))
             g, mvec = weighted_average_tree((g, mvec), weight, self.world)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             sums = mvec if sums is None else sums + mvec
@@ -299,13 +294,22 @@ class Trainer:
             record["nonfinite_skipped"] = self.state.nonfinite_skipped
         log.write(record)
         self.reporter.log(record)
+        self._check_peak_memory(log)
         applied = self.state.step - self.state.nonfinite_skipped
         if applied >= self.watch.patience:
             for kind, message in self.watch.adapters(applied, record["adapter_change"], self._initial_norm):
                 self._warn(kind, message, log)
 
+    def _check_peak_memory(self, log: MetricsLog) -> None:
+        """Warn once when the measured peak nears the machine's memory (every reporter and the log see it)."""
+        if any(w["kind"] == "memory" for w in self.state.warnings):
+            return
+        message = peak_memory_warning(mx.get_peak_memory())
+        if message:
+            self._warn("memory", message, log)
+
     def _epoch(self) -> float:
-        return round(self.state.micro / max(1, len(self._batches(0))), 4)
+        return round(self.state.micro / self._per_epoch, 4)
 
     def _adapter_change(self) -> float:
         """L2 norm of (trainable weights - their initial values): zero means the run changed nothing."""
