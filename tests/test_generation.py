@@ -143,6 +143,54 @@ def test_adapters_off_equals_the_base_model_logits_and_samples(tiny_model_dir, t
         assert text == tok.decode(ids) and (finished or len(ids) == 12)
 
 
+def test_batched_sampling_is_independent_of_the_batch_and_greedy_matches_mlx_lm(tiny_model_dir, trained_run):
+    """A reply depends on its prompt, seed and model only: batch size 1, 3 or 8 and a shuffled order give the
+    same replies; greedy batched decoding gives mlx-lm's single-stream greedy tokens."""
+    from mlx_lm import stream_generate
+
+    from poet_mlx.adapters import load_adapters
+    from poet_mlx.generate.sampling import sample
+    from poet_mlx.models import load_model
+
+    model, tok, _ = load_model(str(tiny_model_dir))
+    load_adapters(model, trained_run)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"{q} the {t}."}], add_generation_prompt=True)
+               for q in ("Describe", "Tell me about") for t in ("moon", "city", "river", "ocean")]
+    seeds = list(range(100, 100 + len(prompts)))
+    one = sample(model, tok, prompts, seeds, 16, 1.0, batch_size=1)
+    assert sample(model, tok, prompts, seeds, 16, 1.0, batch_size=3) == one
+    order = [5, 2, 7, 0, 1, 6, 4, 3]
+    shuffled = sample(model, tok, [prompts[i] for i in order], [seeds[i] for i in order], 16, 1.0, batch_size=8)
+    assert [shuffled[order.index(i)] for i in range(len(prompts))] == one
+    assert len({tuple(r.ids) for r in one}) > 1  # sampled, not all alike
+    greedy = sample(model, tok, prompts[:3], [0, 0, 0], 16, 0.0, batch_size=3)
+    for prompt, reply in zip(prompts[:3], greedy):
+        ids = [r.token for r in stream_generate(model, tok, prompt, max_tokens=16)]
+        if reply.finished:
+            ids = ids[:-1]  # mlx-lm yields the stop token; a Reply leaves it out
+        assert reply.ids == ids
+
+
+def test_seeded_sampler_draws_from_the_tempered_distribution():
+    import mlx.core as mx
+
+    from poet_mlx.generate.sampling import SeededSampler
+
+    logits = mx.array([[2.0, 1.0, 0.0, -1.0]])
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    for temperature in (1.0, 0.5):
+        sampler = SeededSampler(7, temperature)
+        draws = np.array([sampler(logprobs).item() for _ in range(4000)])
+        want = np.exp(np.array(logits[0]) / temperature)
+        want /= want.sum()
+        got = np.bincount(draws, minlength=4) / len(draws)
+        np.testing.assert_allclose(got, want, atol=0.03)
+    a, b, c = SeededSampler(7, 1.0), SeededSampler(7, 1.0), SeededSampler(8, 1.0)
+    first = [a(logprobs).item() for _ in range(40)]
+    assert first == [b(logprobs).item() for _ in range(40)]
+    assert first != [c(logprobs).item() for _ in range(40)]
+
+
 def test_implicit_judge_is_the_runs_dpo_reward(tiny_model_dir, trained_run):
     import mlx.core as mx
     from mlx_lm.utils import load
