@@ -17,6 +17,7 @@ COMMANDS = {
     "export": ("poet_mlx.cli.export", "Export adapters to Hugging Face PEFT format."),
     "chat": ("poet_mlx.cli.chat", "Chat with the aligned model in the terminal (--compare: base vs aligned)."),
     "generate": ("poet_mlx.cli.generate", "Generate replies for a prompt or a file of prompts (JSONL out)."),
+    "pairs": ("poet_mlx.cli.pairs", "On-policy preference pairs: sample replies, judge them, keep best vs worst."),
 }
 
 

@@ -82,3 +82,23 @@ def one_error_line(err: str) -> str:
     assert len(lines) == 1, f"expected one error line, got:\n{err}"
     assert lines[0].startswith("error: ") and "Traceback" not in err
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_model_dir(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    """`tiny_model_dir` fine-tuned (SFT, 60 steps) on the demo task's replies: it writes task-like replies that
+    end with the end-of-turn token, so sampled replies finish. Treat it as read-only."""
+    import mlx.core as mx
+
+    from poet_mlx.config import DataConfig
+    from poet_mlx.data.sources import load_split
+    from poet_mlx.data.tokenization import pad_id, tokenize_pairs
+    from poet_mlx.models import load_model
+    from poet_mlx.train.sft import save_model_folder, sft_examples, train_sft
+
+    model, tokenizer, _ = load_model(str(tiny_model_dir))
+    rows, _ = load_split(DataConfig(data=str(tiny_data_dir)), "train")
+    pairs, _ = tokenize_pairs(rows, tokenizer, 128, 32)
+    mx.random.seed(0)
+    train_sft(model, sft_examples(pairs, "both"), 60, 16, 3e-3, 0, pad_id(tokenizer))
+    return save_model_folder(model, tiny_model_dir, tmp_path_factory.mktemp("tiny_sft") / "model")
