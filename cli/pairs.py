@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge", required=True, help=JUDGE_HELP + "; e.g. poet_mlx.analysis.constraints:judge.")
     p.add_argument("--out", required=True, metavar="FILE", help="The pairs file to write (.jsonl).")
     p.add_argument("--samples", type=int, default=4, help="Replies sampled per prompt (default: 4).")
+    p.add_argument("--samples-out", metavar="FILE", help="Also write every judged reply (pair or not) to this .jsonl.")
     p.add_argument("--min-margin", type=float, default=0.0,
                    help="Keep a pair only when best - worst score is at least this (default: 0: any difference).")
     g = p.add_argument_group("sampling")
@@ -64,7 +65,7 @@ def _pairs(args) -> int:
             reporter.phase("loading model", 1, 1)
             settings["model"] = loaded.model_ref
             summary = build_pairs(loaded.model, loaded.tokenizer, rows, judge, opts, args.out, settings, reporter,
-                                  stop, overwrite=args.overwrite)
+                                  stop, overwrite=args.overwrite, samples_out=args.samples_out)
     if not args.quiet:
         _print_summary(summary)
     return stop.exit_code if summary.interrupted else 0

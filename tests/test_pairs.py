@@ -94,21 +94,31 @@ def test_an_interrupted_run_continues_to_the_same_file(tiny_sft_model_dir, promp
     model, tok, _ = load_model(str(tiny_sft_model_dir))
     rows, judge = read_prompt_rows(prompts_file), load_judge(f"{judges}:length")
     opts = PairsOptions(samples=2, max_tokens=40, seed=3)
-    whole = build_pairs(model, tok, rows, judge, opts, tmp_path / "whole.jsonl", {"s": 1})
+    whole = build_pairs(model, tok, rows, judge, opts, tmp_path / "whole.jsonl", {"s": 1},
+                        samples_out=tmp_path / "whole.samples.jsonl")
     calls = {"n": 0}
 
     def stop_after_one_chunk():
         calls["n"] += 1
         return calls["n"] > 1
 
-    part = build_pairs(model, tok, rows, judge, opts, tmp_path / "part.jsonl", {"s": 1}, should_stop=stop_after_one_chunk)
+    part = build_pairs(model, tok, rows, judge, opts, tmp_path / "part.jsonl", {"s": 1}, should_stop=stop_after_one_chunk,
+                       samples_out=tmp_path / "part.samples.jsonl")
     assert whole.pairs > 0 and part.interrupted and part.done == 2
     # A kill between the append and the progress record leaves a stray tail: it is dropped on resume.
     with open(tmp_path / "part.jsonl", "a") as f:
         f.write('{"half a row')
-    rest = build_pairs(model, tok, rows, judge, opts, tmp_path / "part.jsonl", {"s": 1})
+    with open(tmp_path / "part.samples.jsonl", "a") as f:
+        f.write('{"half')
+    rest = build_pairs(model, tok, rows, judge, opts, tmp_path / "part.jsonl", {"s": 1},
+                       samples_out=tmp_path / "part.samples.jsonl")
     assert not rest.interrupted and rest.done == 6 and rest.pairs == whole.pairs
     assert (tmp_path / "part.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+    # Every judged reply, pair or not: 6 prompts x 2 samples, with the prompt row's fields.
+    samples = [json.loads(line) for line in (tmp_path / "whole.samples.jsonl").read_text().splitlines()]
+    assert [(r["prompt_index"], r["seed"]) for r in samples] == [(i, 3 + 2 * i + k) for i in range(6) for k in range(2)]
+    assert all(r["score"] == float(len(r["reply"].split())) and "task" in r for r in samples)
+    assert (tmp_path / "part.samples.jsonl").read_bytes() == (tmp_path / "whole.samples.jsonl").read_bytes()
 
 
 def test_bad_prompt_files_and_options(tmp_path):

@@ -130,18 +130,21 @@ def choose(scores: list[float], finished: list[bool], min_margin: float) -> tupl
 
 
 class PairsFile:
-    """The output file and its progress record: resume where a run stopped, refuse other settings."""
+    """The output file (and the optional file of every judged reply) with their progress record: resume where
+    a run stopped, refuse other settings."""
 
-    def __init__(self, out: str | Path, settings: dict, overwrite: bool = False):
+    def __init__(self, out: str | Path, settings: dict, overwrite: bool = False, samples_out: str | Path | None = None):
         self.out = Path(out).expanduser()
+        self.samples_out = Path(samples_out).expanduser() if samples_out else None
         self.progress_path = self.out.with_name(self.out.name + PROGRESS_SUFFIX)
         self.settings = settings
-        self.state = {"settings": settings, "next": 0, "bytes": 0, "complete": False,
+        self.state = {"settings": settings, "next": 0, "bytes": 0, "samples_bytes": 0, "complete": False,
                       "counts": {"pairs": 0, "tie": 0, "margin": 0, "unfinished": 0, "replies": 0,
                                  "reply_tokens": 0, "seconds": 0.0}}
         if overwrite:
-            for p in (self.out, self.progress_path):
-                p.unlink(missing_ok=True)
+            for p in (self.out, self.progress_path, self.samples_out):
+                if p is not None:
+                    p.unlink(missing_ok=True)
         elif self.progress_path.is_file():
             saved = json.loads(self.progress_path.read_text())
             if saved.get("settings") != settings:
@@ -149,43 +152,47 @@ class PairsFile:
                                  if settings.get(k) != saved.get("settings", {}).get(k))
                 raise PoetError(f"{self.out} was started with other settings ({', '.join(changed)}); continue "
                                 "with the same ones, pass --overwrite to start over, or choose another --out")
-            self.state = saved
+            self.state = {"samples_bytes": 0, **saved}
         elif self.out.exists() and self.out.stat().st_size:
             raise PoetError(f"{self.out} exists and was not written by `poet-mlx pairs` (no {self.progress_path.name}); "
                             "pass --overwrite to replace it, or choose another --out")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.out, "a+b") as f:  # drop rows of a chunk whose progress was never recorded
-            f.truncate(self.state["bytes"])
+        for path, size in ((self.out, self.state["bytes"]), (self.samples_out, self.state["samples_bytes"])):
+            if path is not None:  # drop what a chunk wrote before its progress was recorded
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "a+b") as f:
+                    f.truncate(size)
 
-    def commit(self, lines: list[str], next_index: int, counts: dict, complete: bool) -> None:
-        """Append the chunk's rows (flushed to disk) and only then move the progress record past it."""
-        with open(self.out, "ab") as f:
-            f.write("".join(lines).encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        self.state.update({"next": next_index, "bytes": size, "complete": complete, "counts": counts})
+    def commit(self, lines: list[str], sample_lines: list[str], next_index: int, counts: dict, complete: bool) -> None:
+        """Append the chunk's rows (flushed to disk) and only then move the progress record past them."""
+        sizes = {}
+        for key, path, chunk in (("bytes", self.out, lines), ("samples_bytes", self.samples_out, sample_lines)):
+            if path is None:
+                continue
+            with open(path, "ab") as f:
+                f.write("".join(chunk).encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+                sizes[key] = f.tell()
+        self.state.update({"next": next_index, "complete": complete, "counts": counts, **sizes})
         write_json_atomic(self.progress_path, self.state)
 
 
 def build_pairs(model, tokenizer, rows: list[dict], judge, opts: PairsOptions, out: str | Path, settings: dict,
                 reporter: Optional[Reporter] = None, should_stop: Callable[[], bool] = lambda: False,
-                overwrite: bool = False) -> PairsSummary:
+                overwrite: bool = False, samples_out: str | Path | None = None) -> PairsSummary:
     """Sample, judge and write pairs for `rows` (see the module docstring). Returns the summary.
 
     Args:
         judge: an object with `.name` and `.score(samples, tokenizer)` (`analysis.judges.load_judge`).
         settings: what identifies this file (model, adapters, judge, prompts file, opts); a resumed run must
             have the same.
+        samples_out: also write every judged reply here, one JSON object each (`sample_record`), pairs or not.
     """
     import time
 
-    from ..analysis.generations import Sample, prompt_text
-    from .sampling import sample
-
     opts.check()
     reporter = reporter or Reporter()
-    file = PairsFile(out, settings, overwrite)
+    file = PairsFile(out, settings, overwrite, samples_out)
     counts = dict(file.state["counts"])
     start, n = file.state["next"], len(rows)
     per_chunk = max(1, CHUNK_REPLIES // opts.samples)
@@ -196,16 +203,9 @@ def build_pairs(model, tokenizer, rows: list[dict], judge, opts: PairsOptions, o
         tic = time.perf_counter()
         chunk = list(range(i, min(n, i + per_chunk)))
         reporter.phase("sampling and judging", i, n, note=f"{counts['pairs']} pairs so far")
-        prompts = [_encode(tokenizer, prompt_messages(rows[j], opts.system)) for j in chunk]
-        flat = [(j, k) for j in range(len(chunk)) for k in range(opts.samples)]
-        seeds = [opts.seed + chunk[j] * opts.samples + k for j, k in flat]
-        replies = sample(model, tokenizer, [prompts[j] for j, _ in flat], seeds, opts.max_tokens, opts.temperature,
-                         opts.top_p, batch_size=opts.batch_size)
-        samples = [Sample(chunk[j], prompt_text(_Row(rows[chunk[j]]["prompt"])), "policy", r.text, r.ids, r.finished,
-                          seeds[f], prompt_ids=prompts[j]) for f, ((j, _), r) in enumerate(zip(flat, replies))]
-        for s, score in zip(samples, judge.score(samples, tokenizer)):
-            s.score = score
+        samples = judged_samples(model, tokenizer, rows, chunk, judge, opts)
         lines = []
+        sample_lines = [json.dumps(sample_record(rows[s.index], s), ensure_ascii=False) + "\n" for s in samples]
         for j, idx in enumerate(chunk):
             mine = samples[j * opts.samples:(j + 1) * opts.samples]
             picked, reason = choose([s.score for s in mine], [s.finished for s in mine], opts.min_margin)
@@ -215,15 +215,33 @@ def build_pairs(model, tokenizer, rows: list[dict], judge, opts: PairsOptions, o
             lines.append(json.dumps(_pair_row(rows[idx], idx, mine, picked, settings, opts), ensure_ascii=False)
                          + "\n")
             counts["pairs"] += 1
-        counts["replies"] += len(replies)
-        counts["reply_tokens"] += sum(len(r.ids) for r in replies)
+        counts["replies"] += len(samples)
+        counts["reply_tokens"] += sum(len(x.reply_ids) for x in samples)
         counts["seconds"] += time.perf_counter() - tic
         i = chunk[-1] + 1
-        file.commit(lines, i, counts, complete=i >= n)
+        file.commit(lines, sample_lines, i, counts, complete=i >= n)
     reporter.phase("sampling and judging", i, n, note=f"{counts['pairs']} pairs")
     return PairsSummary(str(file.out), n, i, counts["pairs"],
                         {k: counts[k] for k in ("tie", "margin", "unfinished")}, counts["replies"],
                         counts["reply_tokens"], counts["seconds"], interrupted=i < n)
+
+
+def judged_samples(model, tokenizer, rows: list[dict], indices: list[int], judge, opts: PairsOptions) -> list:
+    """`opts.samples` judged replies (`analysis.generations.Sample`, with .score) per row of `indices`, grouped
+    by row; reply k of row i is seeded opts.seed + i * opts.samples + k."""
+    from ..analysis.generations import Sample, prompt_text
+    from .sampling import sample
+
+    prompts = [_encode(tokenizer, prompt_messages(rows[i], opts.system)) for i in indices]
+    flat = [(j, k) for j in range(len(indices)) for k in range(opts.samples)]
+    seeds = [opts.seed + indices[j] * opts.samples + k for j, k in flat]
+    replies = sample(model, tokenizer, [prompts[j] for j, _ in flat], seeds, opts.max_tokens, opts.temperature,
+                     opts.top_p, batch_size=opts.batch_size)
+    samples = [Sample(indices[j], prompt_text(_Row(rows[indices[j]]["prompt"])), "policy", r.text, r.ids, r.finished,
+                      seed, prompt_ids=prompts[j]) for (j, _), seed, r in zip(flat, seeds, replies)]
+    for x, score in zip(samples, judge.score(samples, tokenizer)):
+        x.score = score
+    return samples
 
 
 @dataclass
@@ -231,6 +249,14 @@ class _Row:
     """What `generations.prompt_text` reads from a row."""
 
     prompt: object
+
+
+def sample_record(row: dict, sample) -> dict:
+    """One judged reply of `samples_out`: prompt index, seed, reply, its tokens, finished, score, and the prompt
+    row's other fields (e.g. `constraints`)."""
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected")}
+    return {"prompt_index": sample.index, "seed": sample.seed, "reply": sample.reply, "tokens": len(sample.reply_ids),
+            "finished": sample.finished, "score": sample.score, **extra}
 
 
 def _encode(tokenizer, messages: list[dict]) -> list[int]:
