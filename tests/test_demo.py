@@ -88,7 +88,7 @@ def test_demo_cli_prints_the_comparison(tmp_path, monkeypatch, capsys):
     from poet_mlx.cli.main import main as cli
 
     monkeypatch.setattr(poet_mlx.demo.toy, "DemoSpec", lambda: SMALL)
-    rc = cli(["demo", "--folder", str(tmp_path / "d"), "--plain", "--steps", "3", "--generate", "2"])
+    rc = cli(["demo", "--tiny", "--folder", str(tmp_path / "d"), "--plain", "--steps", "3", "--generate", "2"])
     out = capsys.readouterr().out
     assert rc == 0, out
     for text in ("SFT start", "DPO+POET", "accuracy, full replies", "win rate vs SFT start",
@@ -96,7 +96,7 @@ def test_demo_cli_prints_the_comparison(tmp_path, monkeypatch, capsys):
         assert text in out, text
     res = json.loads((tmp_path / "d" / "demo_results.json").read_text())
     assert [r["steps"] for r in res["runs"]] == [3, 3] and res["spec"]["generate"] == 2
-    assert cli(["demo", "--folder", str(tmp_path / "d"), "--steps", "0"]) == 2
+    assert cli(["demo", "--tiny", "--folder", str(tmp_path / "d"), "--steps", "0"]) == 2
     assert "steps must be >= 1" in capsys.readouterr().err
 
 
@@ -105,7 +105,7 @@ def test_demo_cli_no_poet_trains_plain_dpo_only(tmp_path, monkeypatch, capsys):
     from poet_mlx.cli.main import main as cli
 
     monkeypatch.setattr(poet_mlx.demo.toy, "DemoSpec", lambda: SMALL)
-    rc = cli(["demo", "--folder", str(tmp_path / "d"), "--quiet", "--no-poet", "--generate", "0", "--steps", "1"])
+    rc = cli(["demo", "--tiny", "--folder", str(tmp_path / "d"), "--quiet", "--no-poet", "--generate", "0", "--steps", "1"])
     assert rc == 0
     res = json.loads((tmp_path / "d" / "demo_results.json").read_text())
     assert [r["label"] for r in res["runs"]] == ["DPO"] and "generation" not in res["runs"][0]
@@ -143,7 +143,7 @@ def _result(prefix_dpo, prefix_poet, gen_dpo, gen_poet) -> dict:
 
 def test_the_demo_reading_follows_the_numbers():
     """The closing sentences are chosen from the measurements, never fixed text."""
-    from poet_mlx.cli.demo import reading
+    from poet_mlx.cli.demo_toy import reading
 
     gap = " ".join(reading(_result([1.0, 0.7, None], [1.0, 1.0, None], (0.3, 0.1, 0.6), (0.1, 0.1, 0.75))))
     assert "gap shows here" in gap and "DPO 0.70 at k=2" in gap and "intervals do not overlap" in gap
