@@ -11,7 +11,7 @@ REPLY_CHARS = 220
 def _rate(r) -> str:
     if not r or r.get("rate") is None:
         return "-"
-    return f"{100 * r['rate']:.0f}% [{100 * r['low']:.0f}, {100 * r['high']:.0f}] of {r['n']}"
+    return f"{100 * r['rate']:.0f}% [{100 * r['low']:.0f}-{100 * r['high']:.0f}]"
 
 
 def print_results(res: dict, path: Path) -> None:
@@ -19,7 +19,7 @@ def print_results(res: dict, path: Path) -> None:
 
     c = Console(highlight=False)
     if not c.is_terminal:  # logs and pipes: wide enough for the table's four columns
-        c = Console(highlight=False, width=132)
+        c = Console(highlight=False, width=150)
     if res["interrupted"]:
         c.print("[yellow]stopped early[/]: run the same command again to continue (finished stages are reused).")
         return
@@ -46,7 +46,8 @@ def comparison(res: dict):
     base, runs = res["base"], res["runs"]
     spec = res["spec"]
     t = Table(title=f"{spec['heldout_prompts']} held-out prompts x {spec['heldout_samples']} replies each "
-                    f"(tasks unseen in training); {res['train_pairs']['pairs']} on-policy training pairs",
+                    f"(tasks unseen in training); {res['train_pairs']['pairs']} on-policy training pairs; "
+                    "[95% Wilson intervals]",
               title_justify="left", title_style="bold")
     t.add_column("")
     t.add_column("start", justify="right")
@@ -56,10 +57,11 @@ def comparison(res: dict):
     def row(name, cell):
         t.add_row(name, cell(base, None), *[cell(r["heldout"], r) for r in runs])
 
-    row("replies meeting all their instructions", lambda h, r: _rate(h["all_met"]))
+    row(f"replies meeting all their instructions (of {base['all_met']['n']})", lambda h, r: _rate(h["all_met"]))
     for tag, name in (("opening", "  instructions decided by the opening"), ("end", "  ... decided by the end"),
                       ("whole", "  ... decided by the whole reply")):
-        row(name, lambda h, r, tag=tag: _rate(h["by"].get(tag)))
+        n = (base["by"].get(tag) or {}).get("n", 0)
+        row(f"{name} (of {n})", lambda h, r, tag=tag: _rate(h["by"].get(tag)))
     row("mean reply length (tokens)", lambda h, r: f"{h['mean_tokens']:.0f}")
     row("replies that end (not cut at the limit)", lambda h, r: f"{100 * h['finished']:.0f}%")
     if runs and "curve" in runs[0]:
@@ -90,16 +92,20 @@ def reading(res: dict) -> list[str]:
         lines.append(f"{r['label']}: held-out replies meeting all instructions {100 * base['all_met']['rate']:.0f}% "
                      f"-> {100 * r['heldout']['all_met']['rate']:.0f}% ({100 * d:+.0f} points; {sure}); replies "
                      f"{base['mean_tokens']:.0f} -> {r['heldout']['mean_tokens']:.0f} tokens.")
-    if len(runs) == 2:
-        lines.append(_poet_vs_dpo(runs))
+    shortest = min((r["heldout"]["mean_tokens"] for r in runs), default=base["mean_tokens"])
+    if shortest < 0.7 * base["mean_tokens"]:
+        lines.append(f"Replies got much shorter ({base['mean_tokens']:.0f} -> {shortest:.0f} tokens at the least): short "
+                     "replies meet 'at most N words' and 'no commas' more easily, and the pairs prefer a finished "
+                     "reply to one cut at the limit; read gains on whole-reply instructions with that in mind.")
+    for i in range(0, len(runs) - 1, 2):  # each loss, then the same loss with POET
+        lines.append(_poet_vs_plain(runs[i], runs[i + 1]))
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in res["stage_seconds"].items())
     lines.append(f"Time: {res['seconds']:.0f} s in all ({stages}). Model from {res['model_source']}; "
                  f"seed {res['spec']['seed']}. On Apple silicon (Metal) every stage runs many times faster.")
     return lines
 
 
-def _poet_vs_dpo(runs: list) -> str:
-    dpo, poet = runs
+def _poet_vs_plain(dpo: dict, poet: dict) -> str:
     parts = []
     for tag in ("opening", "end"):
         a, b = dpo["heldout"]["by"].get(tag), poet["heldout"]["by"].get(tag)
@@ -111,5 +117,6 @@ def _poet_vs_dpo(runs: list) -> str:
     verdict = ("did better" if d > 0 else "did worse" if d < 0 else "did the same") + (
         " here, but the intervals overlap: a larger run (benchmarks/alignment.py) is needed to tell" if overlap
         else ", with intervals apart")
-    return (f"DPO+POET vs DPO on held-out replies: all instructions met {100 * dpo['heldout']['all_met']['rate']:.0f}% "
+    return (f"{poet['label']} vs {dpo['label']} on held-out replies: all instructions met "
+            f"{100 * dpo['heldout']['all_met']['rate']:.0f}% "
             f"vs {100 * poet['heldout']['all_met']['rate']:.0f}%; " + "; ".join(parts) + f". POET {verdict}.")

@@ -18,7 +18,7 @@ KINDS = ("word_max", "no_commas", "forbidden_word")
 def small_spec(model_dir) -> RealDemoSpec:
     return replace(RealDemoSpec(), model=str(model_dir), kinds=KINDS, train_prompts=16, heldout_prompts=6, samples=3,
                    heldout_samples=2, max_tokens=40, epochs=1.0, batch_size=2, num_layers=2, rank=4,
-                   learning_rate=1e-3, examples=2)
+                   learning_rate=1e-3, examples=2, losses=("dpo", "simpo"))
 
 
 def test_real_demo_pipeline_end_to_end_and_reuse(tiny_sft_model_dir, tmp_path, capsys):
@@ -27,7 +27,9 @@ def test_real_demo_pipeline_end_to_end_and_reuse(tiny_sft_model_dir, tmp_path, c
     folder = tmp_path / "demo"
     spec = small_spec(tiny_sft_model_dir)
     res = run_real_demo(folder, spec)
-    assert not res["interrupted"] and [r["label"] for r in res["runs"]] == ["DPO", "DPO+POET"]
+    assert not res["interrupted"]
+    assert [r["label"] for r in res["runs"]] == ["DPO", "DPO+POET", "SimPO", "SimPO+POET"]
+    assert [r["curve"]["loss"] for r in res["runs"] if "curve" in r] in ([], ["dpo", "dpo", "simpo", "simpo"])
     assert json.loads((folder / "demo_results.json").read_text())["runs"][1]["poet"] is True
     base = res["base"]
     assert base["all_met"]["n"] == 12 and 0 <= base["all_met"]["low"] <= base["all_met"]["rate"] <= base["all_met"]["high"]
@@ -39,7 +41,8 @@ def test_real_demo_pipeline_end_to_end_and_reuse(tiny_sft_model_dir, tmp_path, c
     seeds = [[json.loads(x)["seed"] for x in p.read_text().splitlines()]
              for p in (folder / "base" / "samples.jsonl", folder / "dpo" / "heldout" / "samples.jsonl")]
     assert seeds[0] == seeds[1]
-    assert len(res["examples"]) == 2 and set(res["examples"][0]["replies"]) == {"base", "DPO", "DPO+POET"}
+    assert len(res["examples"]) == 2 and set(res["examples"][0]["replies"]) == {"base", "DPO", "DPO+POET", "SimPO",
+                                                                                 "SimPO+POET"}
     # A second demo reuses every stage: same numbers, no training.
     again = run_real_demo(folder, spec)
     assert all(r["reused"] for r in again["runs"])
@@ -48,7 +51,8 @@ def test_real_demo_pipeline_end_to_end_and_reuse(tiny_sft_model_dir, tmp_path, c
     out = capsys.readouterr().out
     for text in ("replies meeting all their instructions", "DPO+POET", "held-out prompt:", "Time:", "next:"):
         assert text in out, text
-    assert any("DPO+POET vs DPO" in line for line in reading(res)) and comparison(res).row_count >= 6
+    said = " ".join(reading(res))
+    assert "DPO+POET vs DPO" in said and "SimPO+POET vs SimPO" in said and comparison(res).row_count >= 6
 
 
 def test_summarize_counts_by_what_decides_an_instruction(tmp_path):

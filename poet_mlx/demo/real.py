@@ -36,7 +36,13 @@ JUDGE = "poet_mlx.analysis.constraints:judge"
 DEMO_KINDS = ("starts_with", "first_word", "ends_with", "end_question", "word_max", "no_commas", "keywords")
 """Constraint kinds the 135M model meets sometimes but not always (measured on 12 prompts each at
 temperature 0.8: 2-6 of 12), two decided by the opening, two by the end, three by the whole reply."""
-RUNS = (("dpo", "DPO", False), ("dpo-poet", "DPO+POET", True))
+LOSS_LABELS = {"dpo": "DPO", "simpo": "SimPO"}
+
+
+def runs_of(losses) -> list[tuple[str, str, str, bool]]:
+    """(folder name, label, loss, poet) of every run: each loss without and with POET."""
+    return [(f"{loss}{'-poet' if poet else ''}", f"{LOSS_LABELS.get(loss, loss)}{'+POET' if poet else ''}", loss, poet)
+            for loss in losses for poet in (False, True)]
 RESULTS_FILE = "demo_results.json"
 
 
@@ -54,6 +60,8 @@ class RealDemoSpec:
     heldout_samples: int = 2
     max_tokens: int = 64
     temperature: float = 0.8
+    losses: tuple = ("dpo",)
+    """Each trained without and with POET, from the same start; DPO uses `beta`, others their defaults."""
     beta: float = 0.1
     learning_rate: float = 1e-4
     epochs: float = 3.0
@@ -121,9 +129,9 @@ def run_real_demo(folder: str | Path, spec: RealDemoSpec = RealDemoSpec(), repor
     if train["pairs"] < spec.batch_size:
         raise PoetError(f"only {train['pairs']} on-policy pairs from {spec.train_prompts} prompts: raise "
                         "--train-prompts or --samples")
-    for name, label, poet in RUNS:
+    for name, label, loss, poet in runs_of(spec.losses):
         t = time.perf_counter()
-        run = _train(fetched.path, folder / "data", folder / name, spec, poet, reporter, should_stop)
+        run = _train(fetched.path, folder / "data", folder / name, spec, loss, poet, reporter, should_stop)
         stages.time(f"training {label}", t)
         if run["interrupted"]:
             return _finish(results, folder, stages, tic, interrupted=True)
@@ -131,7 +139,7 @@ def run_real_demo(folder: str | Path, spec: RealDemoSpec = RealDemoSpec(), repor
         after = _sample_stage(fetched.path, folder / name, rows["heldout"], folder / name / "heldout", spec,
                               spec.heldout_samples, reporter, should_stop, f"held-out replies ({label})")
         stages.time(f"sampling held-out ({label})", t)
-        results["runs"].append({"name": name, "label": label, "poet": poet, "path": str(folder / name), **run,
+        results["runs"].append({"name": name, "label": label, "loss": loss, "poet": poet, "path": str(folder / name), **run,
                                 "heldout": after})
     t = time.perf_counter()
     _prefix_curves(results, fetched.path, folder, spec, reporter)
@@ -240,24 +248,30 @@ def summarize(samples_file: Path) -> dict:
             "finished": sum(r["finished"] for r in records) / n if n else None}
 
 
-def demo_train_config(model_path: Path, data: Path, run: Path, spec: RealDemoSpec, poet: bool):
-    """The training config of one demo run (DPO, +POET or not; everything else the same)."""
+def _loss_keys(spec: RealDemoSpec, loss: str) -> dict:
+    """The loss settings of a run: DPO with the spec's beta, any other loss with its own defaults."""
+    return {"loss": loss, **({"beta": spec.beta} if loss == "dpo" else {})}
+
+
+def demo_train_config(model_path: Path, data: Path, run: Path, spec: RealDemoSpec, loss: str, poet: bool):
+    """The training config of one demo run (`loss`, +POET or not; everything else the same)."""
     from ..config import RunConfig
 
     return RunConfig.from_flat({
-        "model": str(model_path), "data": str(data), "adapter_path": str(run), "loss": "dpo", "beta": spec.beta,
+        "model": str(model_path), "data": str(data), "adapter_path": str(run), **_loss_keys(spec, loss),
         "poet": poet, "num_layers": spec.num_layers, "rank": spec.rank, "batch_size": spec.batch_size,
         "epochs": spec.epochs, "learning_rate": spec.learning_rate, "max_length": 512, "max_prompt_length": 256,
         "steps_per_report": 5, "steps_per_eval": 0, "save_every": 0, "seed": spec.seed, "overwrite": True,
     }, source="demo")
 
 
-def _train(model_path: Path, data: Path, run: Path, spec: RealDemoSpec, poet: bool, reporter, should_stop) -> dict:
+def _train(model_path: Path, data: Path, run: Path, spec: RealDemoSpec, loss: str, poet: bool, reporter,
+           should_stop) -> dict:
     """Train one run, or reuse it when the folder holds a finished run with the same settings."""
     from ..train.checkpoint import read_metrics
     from ..train.run import run_training
 
-    cfg = demo_train_config(model_path, data, run, spec, poet)
+    cfg = demo_train_config(model_path, data, run, spec, loss, poet)
     done = run / "demo_run.json"
     stamp = {"config": cfg.to_flat(), "data": _file_stamp(data / "train.jsonl")}
     if done.is_file() and json.loads(done.read_text()).get("stamp") == stamp:
@@ -290,15 +304,17 @@ def _prefix_curves(results: dict, model_path: Path, folder: Path, spec: RealDemo
     if not valid.read_text().strip():
         results["prefix_note"] = "no held-out pairs (every held-out prompt's replies scored alike)"
         return
-    cfg = RunConfig.from_flat({"model": str(model_path), "data": str(valid), "loss": "dpo", "beta": spec.beta,
-                               "poet": False, "max_length": 512, "max_prompt_length": 256,
-                               "batch_size": spec.batch_size}, source="demo")
-    runs = [r["path"] for r in results["runs"]]
-    ev = run_evaluation(cfg, runs[0], reporter, compare=runs[1:], prefix_curve=True)
-    for entry, curve, means in zip(results["runs"], ev.curves, ev.runs.values()):
-        curve.label = entry["label"]
-        entry["curve"] = curve.to_json()
-        entry["heldout_pairs"] = {"accuracy": means["rewards/accuracies"], "pairs": means["pairs"]}
+    for loss in spec.losses:  # each loss's implicit reward for its own runs
+        runs = [r for r in results["runs"] if r["loss"] == loss]
+        cfg = RunConfig.from_flat({"model": str(model_path), "data": str(valid), **_loss_keys(spec, loss),
+                                   "poet": False, "max_length": 512, "max_prompt_length": 256,
+                                   "batch_size": spec.batch_size}, source="demo")
+        paths = [r["path"] for r in runs]
+        ev = run_evaluation(cfg, paths[0], reporter, compare=paths[1:], prefix_curve=True)
+        for entry, curve, means in zip(runs, ev.curves, ev.runs.values()):
+            curve.label = entry["label"]
+            entry["curve"] = curve.to_json()
+            entry["heldout_pairs"] = {"accuracy": means["rewards/accuracies"], "pairs": means["pairs"]}
 
 
 def _examples(folder: Path, results: dict, n: int) -> list[dict]:
