@@ -31,9 +31,9 @@ def prompts_seen(monkeypatch):
 
     seen, real = [], chat.generate_stream
 
-    def spy(model, tokenizer, ids, sampling, reply):
-        seen.append((reply.variant, list(ids)))
-        return real(model, tokenizer, ids, sampling, reply)
+    def spy(model, tokenizer, ids, sampling, reply, prompt_cache=None):
+        seen.append((reply.variant, list(reply.prompt_ids)))  # the whole prompt, cached part included
+        return real(model, tokenizer, ids, sampling, reply, prompt_cache)
 
     monkeypatch.setattr(chat, "generate_stream", spy)
     return seen
@@ -48,6 +48,34 @@ def session(loaded, **kw):
 
     sampling = Sampling(**{**GREEDY, **kw.pop("sampling", {})})
     return ChatSession(loaded.model, loaded.tokenizer, has_adapters=True, sampling=sampling, **kw)
+
+
+def test_turns_reuse_the_kv_cache_and_reply_as_without_it(loaded):
+    """Turn 2 computes only its new tokens; the replies equal those of sessions that recompute everything."""
+    from poet_mlx.generate import chat
+
+    turns = ["Tell me about the river.", "And the moon?", "Describe the city."]
+    cached = session(loaded)
+    replies = []
+    for t in turns:
+        (stream,) = cached.ask(t)
+        replies.append("".join(stream))
+        reply = stream.reply
+        assert reply.cached_tokens + reply.prompt_tokens == len(reply.prompt_ids)
+    assert reply.cached_tokens > 0 and reply.prompt_tokens < len(reply.prompt_ids) / 2
+    fresh = []
+    for i, t in enumerate(turns):
+        s = session(loaded)
+        s.histories["aligned"] = [dict(m) for m in cached.histories["aligned"][: 2 * i]]
+        s.caches["aligned"] = chat.TurnCache()
+        (stream,) = s.ask(t)
+        fresh.append("".join(stream))
+        assert stream.reply.cached_tokens == 0
+    assert replies == fresh
+    cached.command("/reset")
+    (stream,) = cached.ask("Hello")
+    "".join(stream)
+    assert stream.reply.cached_tokens == 0
 
 
 def test_history_is_kept_and_reset_clears_it(loaded, prompts_seen):

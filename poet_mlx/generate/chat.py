@@ -58,7 +58,12 @@ class Reply:
     tokens: int = 0
     tokens_per_second: float = 0.0
     prompt_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens reused from the conversation's cache (not computed again this turn)."""
     finish_reason: Optional[str] = None
+    token_ids: list = field(default_factory=list, repr=False)
+    prompt_ids: list = field(default_factory=list, repr=False)
+    """The whole prompt of this turn (`prompt_tokens` of them were computed, the rest came from the cache)."""
 
 
 @dataclass
@@ -83,13 +88,19 @@ def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
     return list(tokenizer.encode(text))
 
 
-def generate_stream(model, tokenizer, prompt_ids: list[int], sampling: Sampling, reply: Reply) -> Iterator[str]:
-    """Stream one reply with mlx-lm, updating `reply` as tokens arrive; yields the new text pieces."""
+def generate_stream(model, tokenizer, prompt_ids: list[int], sampling: Sampling, reply: Reply,
+                    prompt_cache=None) -> Iterator[str]:
+    """Stream one reply with mlx-lm, updating `reply` as tokens arrive; yields the new text pieces.
+
+    With `prompt_cache` (mlx-lm's KV cache, holding the tokens before `prompt_ids`), only `prompt_ids` are
+    computed; the cache then also holds them and the reply's tokens."""
     from mlx_lm import stream_generate
 
     reply.prompt_tokens = len(prompt_ids)
     for r in stream_generate(model, tokenizer, prompt_ids, max_tokens=sampling.max_tokens,
-                             sampler=sampling.sampler()):
+                             sampler=sampling.sampler(), prompt_cache=prompt_cache):
+        if r.token is not None:
+            reply.token_ids.append(int(r.token))
         reply.text += r.text
         reply.tokens = r.generation_tokens
         reply.tokens_per_second = r.generation_tps
@@ -129,12 +140,53 @@ class ReplyStream:
                 # Same seed per turn for both variants: in --compare the replies differ by the model, not by luck.
                 mx.random.seed(s.sampling.seed + s.turns)
             off = reply.variant == "base" and s.has_adapters
+            reply.prompt_ids = list(ids)
+            cache, fed = s.caches[reply.variant].reuse(s.model, ids)
+            reply.cached_tokens = len(ids) - len(fed)
             with _adapters_off(s.model) if off else nullcontext():
-                yield from generate_stream(s.model, s.tokenizer, ids, s.sampling, reply)
+                yield from generate_stream(s.model, s.tokenizer, fed, s.sampling, reply, cache)
         finally:
+            if "ids" in locals():
+                s.caches[reply.variant].holds(ids + reply.token_ids)
             if reply.finish_reason is None:
                 reply.finish_reason = "interrupted"
             s._commit(self._user, reply)
+
+
+class TurnCache:
+    """One conversation's KV cache across turns, so a turn computes only what is new (mlx-lm's prompt cache).
+
+    The cache holds the tokens of the conversation so far (prompt and reply); the next turn's prompt, rendered
+    again by the chat template, shares a prefix with them (the template may render a reply's tokens slightly
+    differently): the cache is cut back to that prefix and only the rest is computed.
+    """
+
+    def __init__(self):
+        self.cache, self.ids = None, []
+
+    def reuse(self, model, ids: list[int]) -> tuple[object, list[int]]:
+        """(cache to pass to generation, the tokens of `ids` it does not hold yet; never empty)."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+
+        if self.cache is None or not can_trim_prompt_cache(self.cache):
+            self.cache, self.ids = make_prompt_cache(model), []
+        held = min(len(self.ids), _offset(self.cache))
+        common = 0
+        while common < min(held, len(ids) - 1) and self.ids[common] == ids[common]:
+            common += 1
+        trim_prompt_cache(self.cache, _offset(self.cache) - common)
+        return self.cache, ids[common:]
+
+    def holds(self, ids: list[int]) -> None:
+        """Record the tokens the cache now holds (the prompt and the reply generated into it)."""
+        self.ids = list(ids)
+
+    def clear(self) -> None:
+        self.cache, self.ids = None, []
+
+
+def _offset(cache) -> int:
+    return int(getattr(cache[0], "offset", 0)) if cache else 0
 
 
 def _adapters_off(model):
@@ -158,6 +210,7 @@ class ChatSession:
         self.info = dict(info or {})
         self.variants = ("base", "aligned") if compare else (("aligned",) if has_adapters else ("base",))
         self.histories: dict[str, list[dict]] = {v: [] for v in self.variants}
+        self.caches = {v: TurnCache() for v in self.variants}
         self.turns = 0
 
     def messages(self, variant: str) -> list[dict]:
@@ -171,7 +224,7 @@ class ChatSession:
         return [ReplyStream(self, v, user_text) for v in self.variants]
 
     def _commit(self, user_text: str, reply: Reply) -> None:
-        numbers = {k: v for k, v in asdict(reply).items() if k not in ("variant", "text")}
+        numbers = {k: v for k, v in asdict(reply).items() if k not in ("variant", "text", "token_ids", "prompt_ids")}
         self.histories[reply.variant] += [{"role": "user", "content": user_text},
                                           {"role": "assistant", "content": reply.text, **numbers}]
 
@@ -188,6 +241,7 @@ class ChatSession:
             return CommandResult("\n".join(f"{c:<14} {d}" for c, d in HELP), help=True)
         if name == "/reset":
             self.histories = {v: [] for v in self.variants}
+            self.caches = {v: TurnCache() for v in self.variants}
             return CommandResult("conversation cleared" + (" (system prompt kept)" if self.system else ""))
         if name == "/system":
             if not arg:
@@ -290,21 +344,30 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def generate_replies(model, tokenizer, prompts: Iterable[str], sampling: Sampling,
-                     system: Optional[str] = None) -> Iterator[dict]:
+                     system: Optional[str] = None, batch_size: int = 16) -> Iterator[dict]:
     """One record per prompt, in order: {"prompt", "reply", "tokens", "tokens_per_second", "finish_reason"}.
 
-    Each prompt is one user turn (after the system prompt, if any) through the chat template. With a seed,
-    every prompt starts from that seed, so a prompt's reply does not depend on the prompts before it.
+    Each prompt is one user turn (after the system prompt, if any) through the chat template. Replies are
+    sampled `batch_size` at a time (`sampling.sample`); tokens_per_second is that batch's throughput. With a
+    seed, every prompt is sampled from that seed, so a prompt's reply does not depend on the other prompts.
     """
-    import mlx.core as mx
+    import random
+    import time
+
+    from .sampling import sample
 
     sampling.check()
-    for prompt in prompts:
-        if sampling.seed is not None:
-            mx.random.seed(sampling.seed)
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        reply = Reply("aligned")
-        for _ in generate_stream(model, tokenizer, encode_messages(tokenizer, messages), sampling, reply):
-            pass
-        yield {"prompt": prompt, "reply": reply.text, "tokens": reply.tokens,
-               "tokens_per_second": reply.tokens_per_second, "finish_reason": reply.finish_reason}
+    prompts = list(prompts)
+    rng = random.Random()
+    for start in range(0, len(prompts), 4 * batch_size):
+        chunk = prompts[start:start + 4 * batch_size]
+        ids = [encode_messages(tokenizer, ([{"role": "system", "content": system}] if system else [])
+                               + [{"role": "user", "content": p}]) for p in chunk]
+        seeds = [sampling.seed if sampling.seed is not None else rng.getrandbits(31) for _ in chunk]
+        tic = time.perf_counter()
+        replies = sample(model, tokenizer, ids, seeds, sampling.max_tokens, sampling.temperature, sampling.top_p,
+                         batch_size=batch_size)
+        rate = sum(len(r.ids) + r.finished for r in replies) / max(time.perf_counter() - tic, 1e-9)
+        for prompt, r in zip(chunk, replies):
+            yield {"prompt": prompt, "reply": r.text, "tokens": len(r.ids), "tokens_per_second": rate,
+                   "finish_reason": "stop" if r.finished else "length"}
