@@ -29,11 +29,12 @@ def add_config_flags(parser: argparse.ArgumentParser, groups=tuple(GROUPS), skip
             if ftype is bool:
                 section.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             elif ftype is list:
-                section.add_argument(flag, nargs="+", metavar="NAME", **kwargs)
+                item = f.metadata.get("item", str)
+                section.add_argument(flag, nargs="+", type=item, metavar="X" if item is float else "NAME", **kwargs)
             else:
-                choices = f.metadata.get("choices")
-                section.add_argument(flag, type=ftype, choices=choices, metavar=None if choices else f.name.upper(),
-                                     **kwargs)
+                choices, nargs = f.metadata.get("choices"), f.metadata.get("nargs")
+                metavar = "NAME" if nargs else None if choices else f.name.upper()
+                section.add_argument(flag, type=ftype, choices=choices, metavar=metavar, nargs=nargs, **kwargs)
 
 
 def given_flags(args: argparse.Namespace, groups=tuple(GROUPS)) -> dict:

@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _eval(args) -> int:
+    from dataclasses import fields
+
     from poet_mlx.analysis.evaluate import run_evaluation
+    from poet_mlx.config import LossConfig
     from poet_mlx.fsutil import write_text_atomic
     from poet_mlx.train.checkpoint import saved_config
 
@@ -85,8 +88,14 @@ def _eval(args) -> int:
     if first_run:
         # Score the run the way it was trained unless told otherwise.
         saved = saved_config(Path(first_run))
-        for key in ("loss", "beta", "gamma_beta_ratio", "label_smoothing", "sft_weight", "poet", "poet_ratio",
-                    "max_length", "max_prompt_length", "chat_template", "system_prompt", "model"):
+        # The loss and its knobs go together: a --loss given here takes none of the run's knobs.
+        # --poet asked here replaces the run's LD-DPO weighting (the two exclude each other).
+        loss_keys = [f.name for f in fields(LossConfig) if f.name not in ("poet", "poet_ratio")
+                     and not (f.name == "ld_alpha" and hasattr(args, "poet"))]
+        keys = (loss_keys if not hasattr(args, "loss") else []) + [
+            "poet", "poet_ratio", "max_length", "max_prompt_length", "chat_template", "system_prompt",
+            "model"]
+        for key in keys:
             if not hasattr(args, key) and saved.get(key) is not None:
                 setattr(args, key, saved[key])
     cfg = build_config(args)

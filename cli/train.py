@@ -1,4 +1,5 @@
-"""`poet-mlx train`: align a model with DPO/SimPO (+POET) through LoRA/DoRA adapters or full fine-tuning."""
+"""`poet-mlx train`: align a model with a preference loss (DPO family, SimPO, CPO, ORPO; +POET) through LoRA/DoRA
+adapters or full fine-tuning."""
 
 from __future__ import annotations
 
@@ -14,14 +15,31 @@ from poet_mlx.cli.ui import PlainReporter, make_reporter, print_summary
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="poet-mlx train",
-        description="Preference alignment (DPO family or SimPO, optionally with POET) on an mlx-lm model.",
-        epilog="Settings come from the defaults, then the YAML file (-c), then the flags. YAML keys are the "
-               "flag names with '_' (learning_rate: 5e-6).",
+        description="Preference alignment (every TRL 1.16 DPO loss type, SimPO, CPO, ORPO; each optionally with "
+                    "POET)\non an mlx-lm model.",
+        epilog=losses_epilog() + "\n\nSettings come from the defaults, then the YAML file (-c), then the flags. "
+               "YAML keys are the flag names\nwith '_' (learning_rate: 5e-6).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-c", "--config", help="YAML file of settings (flat keys, same names as the flags).")
     add_config_flags(p)
     add_output_flags(p)
     return p
+
+
+def losses_epilog() -> str:
+    """The --loss names, one line each: formula, reference or not, the knobs it takes (from the registry)."""
+    import textwrap
+
+    from poet_mlx.losses.registry import ALIASES, LOSS_SPECS, NOTATION
+
+    lines = ["losses (--loss NAME ...):"] + textwrap.wrap(NOTATION, 108, initial_indent="  ", subsequent_indent="  ")
+    for s in LOSS_SPECS.values():
+        alias = "".join(f" (= {a})" for a, target in ALIASES.items() if target == s.name)
+        knobs = ", ".join(("beta", *s.knobs, *(["ld_alpha"] if s.ld_alpha else [])))
+        ref = "reference" if s.reference else "no reference"
+        lines.append(f"  {s.name + alias:<18} {s.formula}  [{ref}; {knobs}]")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,13 +92,23 @@ class PairBatch:
         return int(self.score_lens.sum())
 
 
+def reference_sum(token_logps: np.ndarray, n_score: int, shared: int, ld_alpha: Optional[float] = None) -> float:
+    """The reference's sum over the first n_score tokens; under LD-DPO (ld_alpha) the tokens from `shared` (the
+    shorter response's length) on count ld_alpha times, as the policy's do (`objective.row_sums`)."""
+    if ld_alpha is None:
+        return float(token_logps[:n_score].sum())
+    return float(token_logps[: min(shared, n_score)].sum() + ld_alpha * token_logps[shared:n_score].sum())
+
+
 def make_batch(pairs: Sequence[TokenizedPair], indices: Sequence[int], layouts: Sequence[Layout],
-               ref_token_logps=None, pad_id: int = 0, pad_multiple: int = PAD_MULTIPLE) -> PairBatch:
+               ref_token_logps=None, pad_id: int = 0, pad_multiple: int = PAD_MULTIPLE,
+               ld_alpha: Optional[float] = None) -> PairBatch:
     """Assemble the pairs at `indices` into a PairBatch.
 
     Args:
         ref_token_logps: per-pair (chosen, rejected) float32 arrays of the reference's per-token log-probs
-            over the full responses, or None (SimPO). Sums are taken over the scored prefix.
+            over the full responses, or None (reference-free losses). Sums are taken over the scored prefix
+            (`reference_sum`, LD-weighted under ld_alpha).
     """
     rows, starts, score, keep, ref = [], [], [], [], []
     for side in ("chosen", "rejected"):
@@ -111,7 +121,8 @@ def make_batch(pairs: Sequence[TokenizedPair], indices: Sequence[int], layouts: 
             score.append(n_score)
             keep.append(n_keep)
             if ref_token_logps is not None:
-                ref.append(float(ref_token_logps[i][0 if side == "chosen" else 1][:n_score].sum()))
+                shared = min(lay.score_chosen, lay.score_rejected)
+                ref.append(reference_sum(ref_token_logps[i][0 if side == "chosen" else 1], n_score, shared, ld_alpha))
     return PairBatch(
         tokens=pad_rows(rows, pad_id, pad_multiple),
         starts=np.asarray(starts, np.int32),
@@ -238,18 +249,20 @@ class PairSet:
     pairs: Sequence[TokenizedPair]
     layouts: Sequence[Layout]
     ref: Optional[TokenLogps] = None
+    ld_alpha: Optional[float] = None
+    """LD-DPO's weight of the tokens beyond the shorter response (None: no weighting)."""
 
     def __len__(self):
         return len(self.pairs)
 
     def batch(self, indices, pad_id: int) -> PairBatch:
-        return make_batch(self.pairs, indices, self.layouts, self.ref, pad_id=pad_id)
+        return make_batch(self.pairs, indices, self.layouts, self.ref, pad_id=pad_id, ld_alpha=self.ld_alpha)
 
 
 def pair_set(pairs: Sequence[TokenizedPair], loss) -> PairSet:
     """A PairSet of `pairs` with the POET layouts of `loss` (a `config.LossConfig`); reference filled in later."""
     layouts = [layout(p, loss.poet, loss.poet_ratio, loss.needs_full_chosen) for p in pairs]
-    return PairSet(pairs, layouts)
+    return PairSet(pairs, layouts, ld_alpha=getattr(loss, "ld_alpha", None))
 
 
 def poet_stats(pair_sets) -> dict:

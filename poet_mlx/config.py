@@ -17,22 +17,23 @@ from pathlib import Path
 from typing import Any, Optional, get_args, get_origin, get_type_hints
 
 from .errors import PoetError
+from .losses.registry import LOSS_NAMES, Mixture, default_beta, loss_problem, shared_reward, spec, split_names
 
-LOSSES = ("dpo", "ipo", "hinge", "robust", "simpo")
-"""`dpo` is TRL's `sigmoid` loss (with `label_smoothing` > 0 it is cDPO)."""
+LOSSES = LOSS_NAMES
+"""Every loss name (`losses.registry`): TRL's loss types, simpo, cpo, orpo; `dpo` is an alias of `sigmoid`."""
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "lion", "muon")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "robust": 0.1, "simpo": 2.0}
-"""Paper defaults: DPO beta 0.1 (Rafailov et al.), SimPO beta 2.0 (Meng et al.)."""
+DEFAULT_BETA = {name: spec(name).default_beta for name in LOSS_NAMES}
+"""Each loss's default beta, from its registry entry (DPO family 0.1 as TRL, SimPO 2.0 as Meng et al.)."""
 
 
-def _f(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
-    """A config field with its help text (and allowed values) kept next to its default."""
-    meta = {"help": help}
-    if choices:
-        meta["choices"] = choices
+def _f(default: Any, help: str, choices: tuple | None = None, normalize=None, nargs=None, item=None, **kw) -> Any:
+    """A config field with its help text kept next to its default; optionally its allowed values, a
+    `normalize(value, key, source)` that checks and canonicalizes it, the CLI's nargs, a list's item type."""
+    meta = {"help": help, **{k: v for k, v in (("choices", choices), ("normalize", normalize), ("nargs", nargs),
+                                                ("item", item)) if v}}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -60,28 +61,81 @@ class LoRAConfig:
                               "(default: every linear layer, as mlx-lm does).")
 
 
+def normalize_loss(value: Any, key: str, source: str) -> str:
+    """A `loss` setting (one name, several separated by spaces or commas, or a YAML list) as its canonical
+    string: the names as written, joined by single spaces. Unknown names raise PoetError with a hint."""
+    names = split_names(value) if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        raise PoetError(f"{source}: '{key}' must be a loss name or a list of them, got {value!r}")
+    for name in names:
+        if name not in LOSS_NAMES:
+            raise PoetError(f"{source}: '{key}' must be one of {', '.join(LOSS_NAMES)}; got {name!r}"
+                            f"{_suggest(name, LOSS_NAMES)}")
+    return " ".join(names)
+
+
 @dataclass
 class LossConfig:
-    loss: str = _f("dpo", "Preference objective (dpo = DPO's sigmoid loss).", LOSSES)
-    beta: Optional[float] = _f(None, "Inverse temperature beta (default 0.1 for the DPO family, 2.0 for SimPO).")
+    loss: str = _f("dpo", "Preference loss, or several summed with --loss-weights (e.g. --loss sigmoid bco_pair "
+                   "sft, TRL's MPO); TRL 1.16's names, dpo = sigmoid. Each with its formula: the end of "
+                   "`poet-mlx train --help`, or the README's Losses table.", LOSS_NAMES, normalize=normalize_loss,
+                   nargs="+")
+    beta: Optional[float] = _f(None, "Inverse temperature beta (default: the loss's own, 0.1 for the DPO family, "
+                               "CPO and ORPO, 2.0 for SimPO).")
+    loss_weights: Optional[list] = _f(None, "Weights of the losses in --loss, one each (TRL's loss_weights; "
+                                      "default 1 each).", item=float)
     gamma_beta_ratio: float = _f(0.5, "SimPO's target margin gamma, as a ratio of beta (gamma = ratio * beta).")
-    label_smoothing: float = _f(0.0, "Label smoothing eps in [0, 0.5): cDPO for dpo/simpo, robust DPO's eps.")
-    sft_weight: float = _f(0.0, "SimPO: weight of an added NLL term on the full chosen response.")
+    label_smoothing: float = _f(0.0, "Label smoothing eps in [0, 0.5): cDPO for sigmoid/simpo/cpo/aot, robust "
+                                "DPO's flip rate, EXO's eps (needs > 0, e.g. 1e-3).")
+    sft_weight: float = _f(0.0, "SimPO: weight of an NLL term on the full chosen responses (token mean).")
+    cpo_alpha: float = _f(1.0, "CPO: weight of its NLL (behaviour cloning) term on the chosen responses.")
+    discopop_tau: float = _f(0.05, "DiscoPOP's temperature tau.")
+    ld_alpha: Optional[float] = _f(None, "LD-DPO: weight in [0, 1] of each response's tokens beyond the shorter "
+                                   "one's length (0 = POET's cut, 1 = plain DPO); DPO-family losses only.")
     poet: bool = _f(False, "POET: score both responses of a pair on their first k = min(len) tokens.")
     poet_ratio: float = _f(1.0, "POET ablation: keep floor(ratio * k) tokens, ratio in (0, 1].")
 
     @property
+    def specs(self) -> tuple:
+        """The registry entries of the losses in `loss`, aliases resolved."""
+        return tuple(spec(n) for n in split_names(self.loss))
+
+    @property
+    def weights(self) -> tuple:
+        return tuple(self.loss_weights) if self.loss_weights else (1.0,) * len(self.specs)
+
+    @property
     def resolved_beta(self) -> float:
-        return self.beta if self.beta is not None else DEFAULT_BETA[self.loss]
+        if self.beta is not None:
+            return self.beta
+        beta = default_beta(self.specs)
+        if beta is None:
+            raise PoetError(f"'beta' has no common default for {self.loss} "
+                            f"({', '.join(f'{s.name} {s.default_beta:g}' for s in self.specs)}); pass --beta")
+        return beta
+
+    @property
+    def mixture(self) -> Mixture:
+        """What the loss formulas are called with (`losses.mixture.pair_objective`)."""
+        knobs = {k: getattr(self, k) for k in ("label_smoothing", "gamma_beta_ratio", "sft_weight", "cpo_alpha",
+                                               "discopop_tau")}
+        return Mixture(tuple(zip(self.specs, self.weights)), self.resolved_beta, knobs, self.reward)
+
+    @property
+    def reward(self) -> str:
+        """How the implicit reward is measured (`losses.registry.REWARDS`)."""
+        return shared_reward(self.specs)
 
     @property
     def needs_reference(self) -> bool:
-        return self.loss != "simpo"
+        """No reference pass when every loss of the mix is reference-free."""
+        return any(s.reference for s in self.specs)
 
     @property
     def needs_full_chosen(self) -> bool:
-        """SimPO's SFT term scores the whole chosen response, even when POET cuts the preference term."""
-        return self.loss == "simpo" and self.sft_weight > 0
+        """An NLL term scores the whole chosen responses, even when POET cuts the preference terms."""
+        return Mixture(tuple(zip(self.specs, self.weights)), 1.0, {k: getattr(self, k) for k in
+                                                                   ("sft_weight", "cpo_alpha")}).uses_nll
 
 
 @dataclass
@@ -182,25 +236,34 @@ def coerce(group: str, key: str, value: Any, source: str) -> Any:
         if optional:
             return None
         raise PoetError(f"{source}: '{key}' must not be empty (null); remove the key to use the default")
+    if fdef.metadata.get("normalize"):
+        return fdef.metadata["normalize"](value, key, source)
+    item = fdef.metadata.get("item", str)
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, (int, float)) and not isinstance(value, bool),
         str: isinstance(value, str),
-        list: isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
+        list: isinstance(value, (list, tuple)) and all(_is(v, item) for v in value),
     }.get(ftype, True)
     if not ok:
-        want = {list: "a list of strings"}.get(ftype, ftype.__name__)
+        want = {list: f"a list of {'numbers' if item is float else 'strings'}"}.get(ftype, ftype.__name__)
         raise PoetError(f"{source}: '{key}' must be {want}, got {value!r} ({type(value).__name__})")
     if ftype is float:
         value = float(value)
     if ftype is list:
-        value = list(value)
+        value = [float(v) for v in value] if item is float else list(value)
     choices = fdef.metadata.get("choices")
     if choices and value not in choices:
         raise PoetError(f"{source}: '{key}' must be one of {', '.join(choices)}; got {value!r}"
                         f"{_suggest(str(value), choices, quote=True)}")
     return value
+
+
+def _is(value: Any, item: type) -> bool:
+    if item is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, item)
 
 
 def _suggest(word: str, options, quote: bool = False) -> str:
@@ -264,8 +327,9 @@ def validate(cfg: RunConfig, need_data: bool = True) -> None:
         (0 <= ls.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)"),
         (ls.sft_weight >= 0, "sft_weight", "must be >= 0"),
         (0 < ls.poet_ratio <= 1, "poet_ratio", "must be in (0, 1]"),
-        (ls.loss == "simpo" or ls.sft_weight == 0, "sft_weight", "is a SimPO option; use --loss simpo"),
-        (ls.loss != "simpo" or not m.ref_model, "ref_model", "is unused by SimPO (it has no reference); drop it"),
+        (ls.cpo_alpha >= 0, "cpo_alpha", "must be >= 0"),
+        (ls.discopop_tau > 0, "discopop_tau", "must be > 0"),
+        (ls.ld_alpha is None or 0 <= ls.ld_alpha <= 1, "ld_alpha", "must be in [0, 1]"),
         (lo.rank > 0, "rank", "must be > 0"),
         (lo.scale > 0, "scale", "must be > 0"),
         (0 <= lo.dropout < 1, "dropout", "must be in [0, 1)"),
@@ -286,7 +350,9 @@ def validate(cfg: RunConfig, need_data: bool = True) -> None:
         (t.save_every >= 0, "save_every", "must be >= 0"),
         (not (t.resume and t.overwrite), "resume", "and overwrite exclude each other; pick one"),
     ]
-    for ok, key, hint in checks:
-        if not ok:
-            value = cfg.to_flat().get(key)
-            raise PoetError(f"'{key}' {hint} (got {value!r})")
+    defaults = {f.name: f.default for f in fields(LossConfig)}
+    problem = next(((key, hint) for ok, key, hint in checks if not ok), None) or loss_problem(ls, defaults,
+                                                                                            m.ref_model)
+    if problem:
+        key, hint = problem
+        raise PoetError(f"'{key}' {hint} (got {cfg.to_flat().get(key)!r})")

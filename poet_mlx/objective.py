@@ -15,7 +15,8 @@ import numpy as np
 from .batching import PairBatch, make_feed
 from .config import LossConfig
 from .logprobs import per_token_logps
-from .losses import PAIR_METRICS, PairLogps, pair_metrics, preference_loss, sft_nll
+from .losses import mixture
+from .losses.pairwise import PairLogps
 
 
 def model_token_logps(model, tokens: mx.array) -> mx.array:
@@ -49,19 +50,31 @@ def response_token_logps(model, groups, positions, head=None) -> mx.array:
     return per_token_logps(packed_logits(model, groups, positions, head)[None], targets[None])[0]
 
 
-def row_sums(values: mx.array, rows: mx.array, offsets: mx.array, lengths: mx.array) -> mx.array:
-    """Per-row sums of packed values over each row's first lengths[i] response tokens.
+def row_sums(values: mx.array, rows: mx.array, offsets: mx.array, lengths: mx.array, shared: mx.array | None = None,
+             alpha: float = 1.0) -> mx.array:
+    """Per-row sums of packed values over each row's first lengths[i] response tokens; with `shared`, the
+    tokens from offset shared[i] on count alpha times (LD-DPO's tail weighting).
 
     Args:
         values, rows, offsets: (R,) packed values, their row (-1 = padding) and place in the response.
-        lengths: (N,) int32 tokens summed per row.
+        lengths: (N,) int32 tokens summed per row; shared: (N,) int32 or None.
 
     Returns:
         (N,) float32.
     """
     n = lengths.shape[0]
     inside = (rows[None, :] == mx.arange(n)[:, None]) & (offsets[None, :] < lengths[:, None])  # (N, R)
-    return mx.where(inside, values[None, :], 0.0).sum(axis=1)
+    weighted = values[None, :]
+    if shared is not None:
+        weighted = mx.where(offsets[None, :] < shared[:, None], weighted, alpha * weighted)  # (N, R)
+    return mx.where(inside, weighted, 0.0).sum(axis=1)
+
+
+def shared_lengths(score_lens: mx.array) -> mx.array:
+    """(2B,) -> (2B,) the shorter response's length of each row's pair (LD-DPO's shared prefix)."""
+    b = score_lens.shape[0] // 2
+    shared = mx.minimum(score_lens[:b], score_lens[b:])
+    return mx.concatenate([shared, shared])
 
 
 def feeds_halves(model) -> bool:
@@ -75,7 +88,7 @@ def feeds_halves(model) -> bool:
 
 def batch_inputs(batch: PairBatch, halves: bool = True) -> tuple:
     """The arrays `batch_objective` takes after the model: (groups, positions, rows, offsets, score_lens,
-    keep_lens, ref_logps), as MLX arrays; ref_logps are zeros when the batch has none (SimPO)."""
+    keep_lens, ref_logps), as MLX arrays; ref_logps are zeros when the batch has none (reference-free losses)."""
     feed = make_feed(batch, halves=halves)
     ref = batch.ref_logps if batch.ref_logps is not None else np.zeros(len(batch.starts), np.float32)
     return (tuple(mx.array(g) for g in feed.groups), mx.array(feed.positions), mx.array(feed.rows),
@@ -84,9 +97,7 @@ def batch_inputs(batch: PairBatch, halves: bool = True) -> tuple:
 
 def metric_names(objective: LossConfig) -> list[str]:
     """The per-pair metrics `batch_objective` returns for these settings, in its order (TRL's names first)."""
-    names = list(PAIR_METRICS)
-    if objective.needs_full_chosen:
-        names.append("sft_nll")
+    names = mixture.metric_names(objective.mixture)
     if objective.needs_reference:
         names += ["ref_logps/chosen", "ref_logps/rejected"]
     return names + ["num_tokens/chosen", "num_tokens/rejected"]
@@ -99,16 +110,22 @@ def batch_objective(model, groups, positions, rows, offsets, score_lens, keep_le
     Args:
         groups, positions, rows, offsets: the batch's `batching.Feed` (see `batch_inputs`).
         score_lens, keep_lens: (2B,) int32 (see `batching.PairBatch`), chosen rows then rejected rows.
-        ref_logps: (2B,) float32 reference sums over the scored tokens (ignored by SimPO).
+        ref_logps: (2B,) float32 reference sums over the scored tokens (LD-weighted under ld_alpha; ignored by
+            reference-free losses).
         head: the verified output head (`head.output_head(model)`), or None for the full forward.
 
     Returns:
         (scalar mean loss, dict of (B,) per-pair metrics with TRL names).
     """
     token_logps = response_token_logps(model, groups, positions, head)  # (R,)
-    logps = row_sums(token_logps, rows, offsets, score_lens)  # (2B,)
+    ld = objective.ld_alpha is not None
+    shared = shared_lengths(score_lens) if ld else None
+    logps = row_sums(token_logps, rows, offsets, score_lens, shared, objective.ld_alpha if ld else 1.0)  # (2B,)
     b = score_lens.shape[0] // 2
     counts = score_lens.astype(mx.float32)
+    full = None
+    if objective.needs_full_chosen:  # the NLL terms score the whole chosen response, unweighted
+        full = row_sums(token_logps, rows, offsets, keep_lens)[:b]
     pairs = PairLogps(
         policy_chosen=logps[:b],
         policy_rejected=logps[b:],
@@ -116,17 +133,10 @@ def batch_objective(model, groups, positions, rows, offsets, score_lens, keep_le
         rejected_tokens=counts[b:],
         reference_chosen=ref_logps[:b],
         reference_rejected=ref_logps[b:],
+        chosen_full=full,
+        chosen_full_tokens=keep_lens[:b].astype(mx.float32) if full is not None else None,
     )
-    losses, chosen_rewards, rejected_rewards = preference_loss(
-        objective.loss, pairs, objective.resolved_beta, objective.gamma_beta_ratio, objective.label_smoothing
-    )
-    metrics = pair_metrics(pairs, losses, chosen_rewards, rejected_rewards)
-    if objective.needs_full_chosen:
-        full = row_sums(token_logps, rows, offsets, keep_lens)[:b]
-        nll = sft_nll(full, keep_lens[:b].astype(mx.float32))
-        metrics["sft_nll"] = nll
-        losses = losses + objective.sft_weight * nll
-        metrics["loss"] = losses
+    losses, metrics = mixture.pair_objective(pairs, objective.mixture)
     if objective.needs_reference:
         metrics["ref_logps/chosen"] = pairs.reference_chosen
         metrics["ref_logps/rejected"] = pairs.reference_rejected

@@ -84,12 +84,15 @@ def expected_rows(pairs, policy, reference, loss, poet, ratio=1.0, sft_weight=0.
         scales = {"rewards/chosen": scale_c, "rewards/rejected": scale_r,
                   "rewards/margins": scale_c + scale_r, "loss": scale_c + scale_r}
         if loss == "simpo" and sft_weight:
-            # The SFT term scores the FULL chosen response, whatever POET cuts.
-            nll = ref.sft_term(pol_c.sum(), len(p.chosen), 1.0)
-            row["sft_nll"] = nll
+            # The SFT term scores the FULL chosen responses, whatever POET cuts, as one token mean over the
+            # batch (the official code's cross-entropy): here every pair is in one batch.
+            nll = -sum(c.sum() for c, _ in policy) / sum(len(q.chosen) for q in pairs)
+            row["nll_loss"] = nll
             value = value + sft_weight * nll
             scales["loss"] += sft_weight * abs(float(nll))
-        row.update({k: float(v) for k, v in ref.metrics(value, reward_c, reward_r, pc, pr).items()})
+        # SimPO logs the average log-probs it scores (princeton SimPO, TRL's CPO); the DPO family the sums.
+        logps = (pc / n_c, pr / n_r) if loss == "simpo" else (pc, pr)
+        row.update({k: float(v) for k, v in ref.metrics(value, reward_c, reward_r, *logps).items()})
         row.update({f"scale/{k}": float(v) for k, v in scales.items()})
         rows.append(row)
     return rows
@@ -150,12 +153,13 @@ def tuned_logps(tiny_model_dir, trained_run, base_side):
 # ------------------------------------------------------------------ the CLI side
 
 
-def cli_eval(tmp_path, model_dir, data_file, loss, poet, adapter=None, ratio=None, sft_weight=None) -> list[dict]:
+def cli_eval(tmp_path, model_dir, data_file, loss, poet, adapter=None, ratio=None, sft_weight=None,
+             batch_size=4) -> list[dict]:
     from poet_mlx.cli.main import main
 
     out = tmp_path / "pairs.jsonl"
     argv = ["eval", "--model", str(model_dir), "--data", str(data_file), "--output", str(out), "--quiet",
-            "--loss", loss, "--beta", str(BETA[loss]), "--batch-size", "4",
+            "--loss", loss, "--beta", str(BETA[loss]), "--batch-size", str(batch_size),
             "--max-length", str(MAX_LENGTH), "--max-prompt-length", str(MAX_PROMPT_LENGTH),
             "--poet" if poet else "--no-poet"]
     if loss == "simpo":
@@ -234,9 +238,10 @@ def test_eval_poet_ratio_half(tiny_model_dir, eval_file, base_side, tuned_logps,
 
 
 def test_eval_simpo_sft_term_uses_full_chosen(tiny_model_dir, eval_file, base_side, tmp_path):
-    """SimPO + POET + sft_weight: preference on the cut pair, SFT NLL on the whole chosen response."""
+    """SimPO + POET + sft_weight: preference on the cut pair, SFT NLL on the whole chosen responses (a token
+    mean over the batch: all 16 pairs in one batch here)."""
     pairs, base = base_side
-    got = cli_eval(tmp_path, tiny_model_dir, eval_file, "simpo", True, sft_weight=0.5)
+    got = cli_eval(tmp_path, tiny_model_dir, eval_file, "simpo", True, sft_weight=0.5, batch_size=16)
     want = expected_rows(pairs, base, None, "simpo", True, sft_weight=0.5)
-    assert "sft_nll" in got[0]
+    assert "nll_loss" in got[0]
     assert_rows_match(got, want, "simpo poet sft")

@@ -1,350 +1,508 @@
-"""Preference losses and metrics: hand-worked numbers, an independent float64 numpy reference, gradients.
+"""Preference losses: every formula's value and gradient on numbers worked out by hand, the registry, mixtures
+and TRL's metrics, the fidelity fixes of issue #13, and the loss settings' validation.
 
-Notation as in POET.md: pi_c, pi_r policy log-prob sums; ref_c, ref_r the reference's; n_c, n_r scored
-token counts; h = (pi_c - ref_c) - (pi_r - ref_r); eps = label_smoothing; L(z) = log(1 + e^-z) = -log sigma(z).
+Notation (POET.md, `losses.pairwise`): pi policy log-prob sums, ref the reference's, n token counts,
+l = pi - ref, h = l_c - l_r, r = beta l, s the sigmoid, L(z) = -log s(z) = log(1 + e^-z), eps = label_smoothing.
+
+THE HAND PAIR (one pair unless a test says otherwise): pi_c = -10, ref_c = -12 (l_c = 2); pi_r = -15,
+ref_r = -14 (l_r = -1); n_c = 4, n_r = 2; beta = 0.5. So h = 3, beta h = 1.5, r_c = 1, r_r = -0.5.
+Useful values: L(1.5) = 0.201413278, s(-1.5) = 0.182425524, L(1) = 0.313261688, L(-1) = 1.313261688,
+L(0.5) = 0.474076984, and L(-z) = z + L(z), dL/dz = -s(-z), ds/dz = s(z) s(-z).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from poet_mlx.losses import (
-    PairLogps,
-    dpo_sigmoid_loss,
-    hinge_loss,
-    ipo_loss,
-    pair_metrics,
-    preference_loss,
-    robust_loss,
-    sft_nll,
-    simpo_loss,
-)
+from poet_mlx.losses import pairwise as pw
+from poet_mlx.losses.mixture import PAIR_METRICS, metric_names, pair_objective
+from poet_mlx.losses.registry import ALIASES, LOSS_SPECS, REWARDS, Mixture
 
-try:  # tests/ as a package or as a plain folder on sys.path
-    from . import reference_numpy as ref
-except ImportError:
-    import reference_numpy as ref
-
-TRL_METRICS = {
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-    "rewards/accuracies",
-    "logps/chosen",
-    "logps/rejected",
-}
+TRL_DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                      "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+"""TRL 1.16's DPOConfig.loss_type choices, in its order."""
 
 
-def pair(pc, pr, nc=1, nr=1, rc=None, rr=None):
-    """PairLogps from python/numpy values (float32, broadcast to a common (B,) shape)."""
-    pc, pr, nc, nr = np.broadcast_arrays(*(np.atleast_1d(np.asarray(v, np.float32)) for v in (pc, pr, nc, nr)))
-    f = lambda v: None if v is None else mx.array(np.broadcast_to(np.asarray(v, np.float32), pc.shape))
-    return PairLogps(f(pc), f(pr), f(nc), f(nr), f(rc), f(rr))
+def L(z):  # noqa: N802  (the docstring's name)
+    return math.log1p(math.exp(-z))
 
 
-def np64(x):
-    return np.array(x, dtype=np.float64)
+def s(z):
+    return 1.0 / (1.0 + math.exp(-z))
 
 
-def close(actual, expected, rtol=1e-5, atol=1e-6, msg=""):
-    np.testing.assert_allclose(np64(actual), np64(expected), rtol=rtol, atol=atol, err_msg=msg)
+def f32(*v):
+    return mx.array(np.asarray(v, np.float32))
 
 
-L02 = math.log1p(math.exp(-0.2))  # 0.5981388693815918
+def hand_pair(pi_c=-10.0, pi_r=-15.0, full=(-12.0, 6.0)):
+    """THE HAND PAIR; the whole chosen response (for the NLL terms) has log-prob -12 over 6 tokens."""
+    return pw.PairLogps(f32(pi_c), f32(pi_r), f32(4.0), f32(2.0), f32(-12.0), f32(-14.0), f32(full[0]), f32(full[1]))
 
 
-# ============================================================ (a) hand-computed cases
+def value_and_grads(name, p, **knobs):
+    """(loss, d/d pi_c, d/d pi_r, d/d chosen_full) of LOSS_SPECS[name]'s formula, summed over pairs."""
+    fn = LOSS_SPECS[name].fn
+
+    def f(pc, pr, full):
+        q = pw.PairLogps(pc, pr, p.chosen_tokens, p.rejected_tokens, p.reference_chosen, p.reference_rejected,
+                         full, p.chosen_full_tokens)
+        return fn(q, **knobs).sum()
+
+    value = f(p.policy_chosen, p.policy_rejected, p.chosen_full)
+    grads = mx.grad(f, argnums=(0, 1, 2))(p.policy_chosen, p.policy_rejected, p.chosen_full)
+    return float(value), *(float(g.sum()) for g in grads)
 
 
-def test_dpo_hand_case():
-    """beta = 0.1; pi_c = -10, ref_c = -12 (log-ratio +2); pi_r = ref_r = -15 (log-ratio 0): h = 2.
-    loss = -log sigma(0.2) = log(1 + e^-0.2) = 0.598138869...; rewards: 0.1 * 2 = 0.2 and 0.1 * 0 = 0.
+# (loss, knobs, value, d/d pi_c, d/d pi_r, d/d chosen_full), every number derived by hand in the comment.
+HAND = [
+    # L(beta h) = L(1.5); d/d pi_c = -beta s(-1.5), d/d pi_r = +beta s(-1.5).
+    ("sigmoid", {}, L(1.5), -0.5 * s(-1.5), 0.5 * s(-1.5), 0.0),
+    # cDPO eps 0.1: 0.9 L(1.5) + 0.1 L(-1.5) = L(1.5) + 0.15; d/dz = -0.9 s(-z) + 0.1 s(z).
+    ("sigmoid", {"label_smoothing": 0.1}, L(1.5) + 0.15, 0.5 * (-0.9 * s(-1.5) + 0.1 * s(1.5)),
+     -0.5 * (-0.9 * s(-1.5) + 0.1 * s(1.5)), 0.0),
+    # beta 0.25: relu(1 - 0.75) = 0.25; d/d pi_c = -beta, d/d pi_r = +beta.
+    ("hinge", {"beta": 0.25}, 0.25, -0.25, 0.25, 0.0),
+    # beta 1: l_c/n_c - l_r/n_r = 0.5 + 0.5 = 1, minus 1/(2 beta) = 0.5: 0.5^2 = 0.25;
+    # d/d pi_c = 2 * 0.5 / n_c = 0.25, d/d pi_r = -2 * 0.5 / n_r = -0.5.
+    ("ipo", {"beta": 1.0}, 0.25, 0.25, -0.5, 0.0),
+    # eps 0.1, z = 1.5: s(z)(log s(z) - log 0.9) + s(-z)(log s(-z) - log 0.1) = 0.031138796;
+    # d/dz = s(z) s(-z) [log(s(z)/0.9) - log(s(-z)/0.1)].
+    ("exo_pair", {"label_smoothing": 0.1}, 0.031138796406299074,
+     0.5 * s(1.5) * s(-1.5) * (math.log(s(1.5) / 0.9) - math.log(s(-1.5) / 0.1)),
+     -0.5 * s(1.5) * s(-1.5) * (math.log(s(1.5) / 0.9) - math.log(s(-1.5) / 0.1)), 0.0),
+    # L(1) + L(-1)/2 + L(0.5)/2 = 1.206931023; d/d r_c = -s(-1) + s(1)/2, d/d r_r = s(-0.5)/2; times beta.
+    ("nca_pair", {}, 1.2069310233673876, 0.5 * (-s(-1) + 0.5 * s(1)), 0.5 * 0.5 * s(-0.5), 0.0),
+    # eps 0.1: [0.9 L(1.5) - 0.1 (1.5 + L(1.5))] / 0.8 = L(1.5) - 0.1875; d/dz = (-0.9 s(-z) - 0.1 s(z)) / 0.8.
+    ("robust", {"label_smoothing": 0.1}, L(1.5) - 0.1875, 0.5 * (-0.9 * s(-1.5) - 0.1 * s(1.5)) / 0.8,
+     -0.5 * (-0.9 * s(-1.5) - 0.1 * s(1.5)) / 0.8, 0.0),
+    # L(r_c) + L(-r_r) = L(1) + L(0.5) = 0.787338672; d/d pi_c = -beta s(-1), d/d pi_r = beta s(-0.5).
+    ("bco_pair", {}, L(1) + L(0.5), -0.5 * s(-1), 0.5 * s(-0.5), 0.0),
+    # (l_c - 1)^2 + (l_r + 1)^2 = 1 + 0; d/d pi_c = 2 (l_c - 1) = 2, d/d pi_r = 2 (l_r + 1) = 0.
+    ("sppo_hard", {}, 1.0, 2.0, 0.0, 0.0),
+    # 1 - s(1) + s(-0.5) = 0.646482090; d/d pi_c = -beta s(1) s(-1), d/d pi_r = beta s(-0.5) s(0.5).
+    ("apo_zero", {}, 1 - s(1) + s(-0.5), -0.5 * s(1) * s(-1), 0.5 * s(-0.5) * s(0.5), 0.0),
+    # s(1) + 1 - s(1.5) = 0.913484102; d/d pi_c = beta [s(1) s(-1) - s(1.5) s(-1.5)], d/d pi_r = beta s(1.5) s(-1.5).
+    ("apo_down", {}, s(1) + 1 - s(1.5), 0.5 * (s(1) * s(-1) - s(1.5) * s(-1.5)), 0.5 * s(1.5) * s(-1.5), 0.0),
+    # tau 1, z = 1.5, m = s(1.5): (1 - m) L(z) + m e^-z = 0.219168447;
+    # d/dz = m' (e^-z - L(z)) - (1 - m) s(-z) - m e^-z, m' = s(z) s(-z).
+    ("discopop", {"discopop_tau": 1.0}, 0.21916844654391518,
+     0.5 * (s(1.5) * s(-1.5) * (math.exp(-1.5) - L(1.5)) - s(-1.5) * s(-1.5) - s(1.5) * math.exp(-1.5)),
+     -0.5 * (s(1.5) * s(-1.5) * (math.exp(-1.5) - L(1.5)) - s(-1.5) * s(-1.5) - s(1.5) * math.exp(-1.5)), 0.0),
+    # NLL of the whole chosen response: 12 / 6 = 2; d/d chosen_full = -1/6; the scored sums do not enter.
+    ("sft", {}, 2.0, 0.0, 0.0, -1 / 6),
+    # L(beta (l_c/n_c - l_r/n_r)) = L(0.5 * 1) = 0.474076984; d/d pi_c = -beta s(-0.5) / 4, d/d pi_r = +... / 2.
+    ("sigmoid_norm", {}, L(0.5), -0.5 * s(-0.5) / 4, 0.5 * s(-0.5) / 2, 0.0),
+    # beta 2, gamma 1: m = 2 (-10/4 + 15/2) - 1 = 9; L(9) + 0.5 * 2 (NLL); d/d pi_c = -(2/4) s(-9),
+    # d/d pi_r = (2/2) s(-9), d/d chosen_full = -0.5 / 6.
+    ("simpo", {"beta": 2.0, "gamma_beta_ratio": 0.5, "sft_weight": 0.5}, L(9) + 1.0, -0.5 * s(-9), s(-9),
+     -0.5 / 6),
+    # L(beta (pi_c - pi_r)) = L(2.5) + 1 * NLL 2; d/d pi_c = -beta s(-2.5), d/d chosen_full = -1/6.
+    ("cpo", {}, L(2.5) + 2.0, -0.5 * s(-2.5), 0.5 * s(-2.5), -1 / 6),
+]
+
+
+@pytest.mark.parametrize("name,knobs,value,g_c,g_r,g_full", HAND, ids=[f"{h[0]}-{i}" for i, h in enumerate(HAND)])
+def test_hand_value_and_gradient(name, knobs, value, g_c, g_r, g_full):
+    kw = {"beta": 0.5, **knobs}
+    got = value_and_grads(name, hand_pair(), **kw)
+    np.testing.assert_allclose(got, (value, g_c, g_r, g_full), rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_orpo_hand_value_and_gradient():
+    """pi_c = -2 over 4 tokens (a_c = -0.5), pi_r = -6 over 3 (a_r = -2); beta 0.5; chosen NLL 12/6 = 2.
+    log odds z = (a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r)) = 2.287338672; loss = 2 + 0.5 L(z)
+    = 2.048352932. dz/da_c = 1 / (1 - e^a_c), dz/da_r = -1 / (1 - e^a_r), dL/dz = -s(-z): d/d pi_c =
+    -0.5 s(-z) / (1 - e^-0.5) / 4, d/d pi_r = 0.5 s(-z) / (1 - e^-2) / 3, d/d chosen_full = -1/6.
     """
-    losses, rc, rr = dpo_sigmoid_loss(pair(-10.0, -15.0, rc=-12.0, rr=-15.0), beta=0.1)
-    assert losses.shape == (1,) and losses.dtype == mx.float32
-    close(losses, [0.5981388693815918], rtol=0, atol=1e-6)
-    close(rc, [0.2], rtol=0, atol=1e-6)
-    close(rr, [0.0], rtol=0, atol=1e-6)
+    p = pw.PairLogps(f32(-2.0), f32(-6.0), f32(4.0), f32(3.0), None, None, f32(-12.0), f32(6.0))
+    z = 2.2873386716983295
+    want = (2.0 + 0.5 * L(z), -0.5 * s(-z) / (1 - math.exp(-0.5)) / 4, 0.5 * s(-z) / (1 - math.exp(-2)) / 3, -1 / 6)
+    np.testing.assert_allclose(value_and_grads("orpo", p, beta=0.5), want, rtol=1e-5, atol=1e-7)
+    extras = pw.orpo_metrics(p)
+    np.testing.assert_allclose([float(extras["log_odds_chosen"][0]), float(extras["log_odds_ratio"][0])],
+                               [z, -L(z)], rtol=1e-6)
 
 
-def test_cdpo_hand_case():
-    """Same pair, eps = 0.1: 0.9 L(0.2) + 0.1 L(-0.2), and L(-z) = z + L(z), so
-    loss = 0.9 L + 0.1 (0.2 + L) = L + 0.02 = 0.618138869...
+def test_aot_sorts_over_the_batch():
+    """Two pairs, beta 1. A: pi_c - pi_r = 5, ref_c - ref_r = 2 (h = 3); B: 1 and 4 (h = -3).
+    aot: d = sort(5, 1) - sort(2, 4) = (1 - 2, 5 - 4) = (-1, 1): losses L(-1), L(1), mean 0.813261688 (DPO: the
+    mean of L(3), L(-3) = 1.548...). The rank-0 value belongs to B's policy gap: d/d pi_c(B) = -s(1), d/d pi_c(A)
+    = -s(-1). aot_unpaired with l_c = (2, 0), l_r = (-1, 2): d = sort(2, 0) - sort(-1, 2) = (1, 0): L(1), L(0).
     """
-    losses, _, _ = dpo_sigmoid_loss(pair(-10.0, -15.0, rc=-12.0, rr=-15.0), beta=0.1, label_smoothing=0.1)
-    close(losses, [L02 + 0.02], rtol=0, atol=1e-6)
-    assert abs(L02 + 0.02 - 0.6181388693815918) < 1e-15
+    p = pw.PairLogps(f32(-10, -12), f32(-15, -13), f32(1, 1), f32(1, 1), f32(-12, -12), f32(-14, -16), f32(0, 0),
+                     f32(1, 1))
+    value, g_c, g_r, _ = value_and_grads("aot", p, beta=1.0)
+    assert value / 2 == pytest.approx(0.8132616875182228, rel=1e-6)
+    g = mx.grad(lambda pc: pw.aot_loss(pw.PairLogps(pc, p.policy_rejected, p.chosen_tokens, p.rejected_tokens,
+                                                       p.reference_chosen, p.reference_rejected), 1.0).sum())
+    np.testing.assert_allclose(np.array(g(p.policy_chosen)), [-s(-1), -s(1)], rtol=1e-6)
+    q = pw.PairLogps(f32(-10, -12), f32(-15, -14), f32(1, 1), f32(1, 1), f32(-12, -12), f32(-14, -16))
+    np.testing.assert_allclose(np.array(pw.aot_unpaired_loss(q, 1.0)), [L(1), L(0)], rtol=1e-6)
 
 
-def test_ipo_hand_case_uses_counts():
-    """pi_c = -6, ref_c = -10, n_c = 4 -> averaged log-ratio +1; pi_r = -9, ref_r = -6, n_r = 3 -> -1.
-    Difference 2. beta = 0.5: 1/(2 beta) = 1, loss = (2 - 1)^2 = 1; beta = 0.25: (2 - 2)^2 = 0;
-    beta = 1: (2 - 0.5)^2 = 2.25. Rewards are beta * averaged log-ratios: 0.5 and -0.5 at beta 0.5.
-    Unaveraged sums (4 and -3, difference 7) would give 36 at beta 0.5: the counts must matter.
-    """
-    p = pair(-6.0, -9.0, nc=4, nr=3, rc=-10.0, rr=-6.0)
-    for beta, expected in [(0.5, 1.0), (0.25, 0.0), (1.0, 2.25)]:
-        losses, rc, rr = ipo_loss(p, beta=beta)
-        close(losses, [expected], rtol=0, atol=1e-6, msg=f"beta={beta}")
-    losses, rc, rr = ipo_loss(p, beta=0.5)
-    close(rc, [0.5], rtol=0, atol=1e-6)
-    close(rr, [-0.5], rtol=0, atol=1e-6)
+def test_large_margins_are_finite():
+    """|beta h| = 1000 overflows nothing: DPO ~ 0 and ~ 1000; the sigmoid losses saturate; EXO stays finite."""
+    p = pw.PairLogps(f32(0.0, 0.0), f32(0.0, 0.0), f32(1, 1), f32(1, 1), f32(-1000.0, 1000.0), f32(0.0, 0.0))
+    np.testing.assert_allclose(np.array(pw.sigmoid_loss(p, 1.0)), [0.0, 1000.0], rtol=1e-6, atol=1e-6)
+    for name in ("nca_pair", "robust", "bco_pair", "apo_zero", "apo_down", "exo_pair"):
+        kw = {"label_smoothing": 0.1} if LOSS_SPECS[name].knobs else {}
+        assert np.all(np.isfinite(np.array(LOSS_SPECS[name].fn(p, 1.0, **kw)))), name
 
 
-def test_hinge_hand_case():
-    """beta = 0.5: relu(1 - 0.5 h). h = 2 -> exactly 0 (at the margin); h = 1 -> 0.5; h = -2 -> 2; h = 4 -> 0."""
-    h = np.array([2.0, 1.0, -2.0, 4.0])
-    # pi_c - ref_c = h, pi_r - ref_r = 0, with exactly representable values.
-    losses, _, _ = hinge_loss(pair(h - 8.0, -5.0, rc=-8.0, rr=-5.0), beta=0.5)
-    out = np.array(losses)
-    assert out[0] == 0.0, f"hinge at the margin (beta h = 1) must be exactly 0, got {out[0]!r}"
-    close(out, [0.0, 0.5, 2.0, 0.0], rtol=0, atol=1e-7)
+# ------------------------------------------------------------------ the registry
 
 
-def test_robust_hand_case():
-    """beta = 0.1, h = 2, eps = 0.1: [0.9 L(0.2) - 0.1 L(-0.2)] / 0.8 = [0.9 L - 0.1 (0.2 + L)] / 0.8
-    = (0.8 L - 0.02) / 0.8 = L - 0.025 = 0.573138869...
-    """
-    losses, rc, rr = robust_loss(pair(-10.0, -15.0, rc=-12.0, rr=-15.0), beta=0.1, label_smoothing=0.1)
-    close(losses, [L02 - 0.025], rtol=0, atol=1e-6)
-    assert abs(L02 - 0.025 - 0.5731388693815918) < 1e-15
-    close(rc, [0.2], rtol=0, atol=1e-6)
-    close(rr, [0.0], rtol=0, atol=1e-6)
+def test_registry_has_trls_losses_and_matching_signatures():
+    assert tuple(LOSS_SPECS)[:15] == TRL_DPO_LOSS_TYPES and set(LOSS_SPECS) - set(TRL_DPO_LOSS_TYPES) == {
+        "simpo", "cpo", "orpo"}
+    assert ALIASES == {"dpo": "sigmoid"}
+    for spec in LOSS_SPECS.values():
+        params = list(inspect.signature(spec.fn).parameters)
+        assert params[:2] == ["p", "beta"] and tuple(params[2:]) == spec.knobs, spec.name
+        assert spec.reward in (None, *REWARDS) and spec.fn.__doc__, spec.name
+        assert spec.reference == (spec.reward == "log_ratio"), spec.name
+        for knob in spec.knobs:
+            assert knob in inspect.signature(spec.fn).parameters
+    assert [s.name for s in LOSS_SPECS.values() if s.averaged] == ["simpo", "orpo"]
+    assert [s.name for s in LOSS_SPECS.values() if not s.reference] == ["sft", "simpo", "cpo", "orpo"]
 
 
-def test_simpo_hand_case_with_sft():
-    """beta = 2, gamma_beta_ratio = 0.5 -> gamma = 1. pi_c = -4 over 4 tokens (avg -1), pi_r = -9 over 3 (avg -3).
-    m = 2 (-1 - (-3)) - 1 = 3; loss = log(1 + e^-3) = 0.048587351...; rewards 2 * -1 = -2 and 2 * -3 = -6.
-    SFT term: full chosen response log-prob -12 over 6 tokens -> mean NLL 2; weight 0.5 adds 1.0.
-    eps = 0.2: 0.8 L(3) + 0.2 (3 + L(3)) = L(3) + 0.6.
-    """
-    p = pair(-4.0, -9.0, nc=4, nr=3)
-    losses, rc, rr = simpo_loss(p, beta=2.0, gamma_beta_ratio=0.5)
-    close(losses, [0.04858735157374206], rtol=0, atol=1e-6)
-    close(rc, [-2.0], rtol=0, atol=1e-6)
-    close(rr, [-6.0], rtol=0, atol=1e-6)
-    nll = sft_nll(mx.array([-12.0]), mx.array([6.0]))
-    close(nll, [2.0], rtol=0, atol=1e-7)
-    close(losses + 0.5 * nll, [0.04858735157374206 + 1.0], rtol=0, atol=1e-6)
-    smoothed, _, _ = simpo_loss(p, beta=2.0, gamma_beta_ratio=0.5, label_smoothing=0.2)
-    close(smoothed, [0.04858735157374206 + 0.6], rtol=0, atol=1e-6)
+# ------------------------------------------------------------------ mixtures and metrics
 
 
-def test_simpo_ignores_reference():
-    """SimPO has no reference model: reference values, if given, must not change anything."""
-    a = simpo_loss(pair(-4.0, -9.0, nc=4, nr=3), beta=2.0, gamma_beta_ratio=0.5)
-    b = simpo_loss(pair(-4.0, -9.0, nc=4, nr=3, rc=-100.0, rr=7.0), beta=2.0, gamma_beta_ratio=0.5)
-    for x, y in zip(a, b):
-        np.testing.assert_array_equal(np.array(x), np.array(y))
+def mix(loss, weights=None, beta=None, **knobs):
+    from poet_mlx.config import LossConfig
+
+    return LossConfig(loss=loss, beta=beta, loss_weights=weights, **knobs).mixture
 
 
-def test_large_margins_are_stable():
-    """No overflow/NaN at |beta h| = 1000: loss ~ 0 for a huge positive margin, ~ 1000 for a huge negative one."""
-    losses, _, _ = dpo_sigmoid_loss(pair([0.0, 0.0], [0.0, 0.0], rc=[-1000.0, 1000.0], rr=0.0), beta=1.0)
-    out = np.array(losses)
-    assert np.all(np.isfinite(out)), out
-    close(out, [0.0, 1000.0], rtol=1e-6, atol=1e-6)
+def test_mixture_is_the_weighted_sum_with_one_set_of_rewards():
+    """MPO (TRL's recipe): 0.8 sigmoid + 0.2 bco_pair + 1.0 sft on THE HAND PAIR:
+    0.8 L(1.5) + 0.2 (L(1) + L(0.5)) + 2.0; rewards are beta l: 1 and -0.5 (margin 1.5, accurate)."""
+    m = mix("sigmoid bco_pair sft", [0.8, 0.2, 1.0], beta=0.5)
+    losses, metrics = pair_objective(hand_pair(), m)
+    assert list(metrics) == metric_names(m) == [*PAIR_METRICS, "nll_loss", "loss/sigmoid", "loss/bco_pair",
+                                                  "loss/sft"]
+    expected = 0.8 * L(1.5) + 0.2 * (L(1) + L(0.5)) + 2.0
+    assert float(losses[0]) == pytest.approx(expected, rel=1e-6) == float(metrics["loss"][0])
+    got = {k: float(metrics[k][0]) for k in ("rewards/chosen", "rewards/rejected", "rewards/margins",
+                                             "rewards/accuracies", "logps/chosen", "logps/rejected", "nll_loss")}
+    assert got == pytest.approx({"rewards/chosen": 1.0, "rewards/rejected": -0.5, "rewards/margins": 1.5,
+                                 "rewards/accuracies": 1.0, "logps/chosen": -10.0, "logps/rejected": -15.0,
+                                 "nll_loss": 2.0})
+    assert float(metrics["loss/bco_pair"][0]) == pytest.approx(L(1) + L(0.5), rel=1e-6)
 
 
-# ============================================================ (b) random property tests vs the numpy reference
+def test_ipo_rewards_are_summed_log_ratios():
+    """Fidelity (issue #13): TRL 1.16 logs beta * summed log-ratios for IPO; poet-mlx logged averages. Pair with
+    l_c = 2 over 40 tokens and l_r = 1 over 2 tokens: summed rewards 2 beta > beta (accurate), averaged ones
+    0.05 beta < 0.5 beta (the accuracy flips)."""
+    p = pw.PairLogps(f32(-10.0), f32(-15.0), f32(40.0), f32(2.0), f32(-12.0), f32(-16.0))
+    _, metrics = pair_objective(p, mix("ipo", beta=0.1))
+    assert float(metrics["rewards/chosen"][0]) == pytest.approx(0.2)
+    assert float(metrics["rewards/rejected"][0]) == pytest.approx(0.1)
+    assert float(metrics["rewards/accuracies"][0]) == 1.0
 
 
-def random_batch(seed, b=64):
-    """Realistic sums: policy in [-300, -1], reference = policy + noise, counts 1..200 (all float32-exact)."""
+def test_simpo_logs_average_log_probs():
+    """Fidelity (issue #13): princeton SimPO and TRL's CPO log average log-probs as logps/chosen|rejected;
+    THE HAND PAIR: -10/4 = -2.5 and -15/2 = -7.5 (poet-mlx logged the sums -10 and -15). ORPO likewise."""
+    for loss, beta in (("simpo", 2.0), ("orpo", 0.1)):
+        _, metrics = pair_objective(hand_pair(), mix(loss))
+        assert [float(metrics["logps/chosen"][0]), float(metrics["logps/rejected"][0])] == [-2.5, -7.5], loss
+        assert float(metrics["rewards/chosen"][0]) == pytest.approx(-2.5 * beta), loss
+    _, metrics = pair_objective(hand_pair(), mix("cpo"))  # CPO's sigmoid loss type logs sums
+    assert float(metrics["logps/chosen"][0]) == -10.0 and float(metrics["rewards/chosen"][0]) == pytest.approx(-1.0)
+
+
+def test_simpo_sft_term_is_a_token_mean_over_the_batch():
+    """Fidelity (issue #13): the official SimPO/POET code (cross-entropy) and TRL's CPO average the NLL over all
+    chosen tokens of the batch. Two pairs whose whole chosen responses have log-probs -12 over 6 tokens and -2
+    over 2: token mean 14 / 8 = 1.75 (the mean of the per-pair means, 1.5, was poet-mlx's). d/d full_i = -1/8."""
+    p = pw.PairLogps(f32(-4.0, -4.0), f32(-9.0, -9.0), f32(4, 4), f32(3, 3), None, None, f32(-12.0, -2.0), f32(6, 2))
+    plain = pw.simpo_loss(p, 2.0, 0.5)
+    with_sft = pw.simpo_loss(p, 2.0, 0.5, sft_weight=0.5)
+    np.testing.assert_allclose(np.array(with_sft - plain), [0.875, 0.875], rtol=1e-6)
+
+    def f(full):
+        return pw.simpo_loss(pw.PairLogps(p.policy_chosen, p.policy_rejected, p.chosen_tokens, p.rejected_tokens,
+                                          None, None, full, p.chosen_full_tokens), 2.0, 0.5, sft_weight=1.0).mean()
+
+    np.testing.assert_allclose(np.array(mx.grad(f)(p.chosen_full)), [-1 / 8, -1 / 8], rtol=1e-6)
+
+
+def test_reward_kinds_must_agree_in_a_mixture():
+    with pytest.raises(ValueError, match="measure rewards differently"):
+        mix("simpo sigmoid", beta=1.0)
+    assert mix("sft").reward == "logps" and mix("sigmoid sft").reward == "log_ratio"
+    assert mix("simpo sft", beta=2.0).reward == "mean_logps"
+    assert isinstance(mix("dpo"), Mixture) and mix("dpo").names == ("sigmoid",)
+
+
+# ------------------------------------------------------------------ every loss through the objective, POET or not
+
+VOCAB = 97
+
+
+def tiny_lora_model(seed: int = 0):
+    """A 2-layer llama (hidden 32) with LoRA whose B is random, so every LoRA matrix gets a gradient."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.llama import Model, ModelArgs
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    mx.random.seed(seed)
+    model = Model(ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=VOCAB))
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0})
     rng = np.random.default_rng(seed)
-    f32 = lambda x: np.asarray(x, np.float32)
-    pc = f32(rng.uniform(-300, -1, b))
-    pr = f32(rng.uniform(-300, -1, b))
-    rc = f32(pc + rng.normal(0, 4, b))
-    rr = f32(pr + rng.normal(0, 4, b))
-    nc = f32(rng.integers(1, 201, b))
-    nr = f32(rng.integers(1, 201, b))
-    return pc, pr, rc, rr, nc, nr
+    model.load_weights([(n, mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32)))
+                        for n, v in tree_flatten(model.trainable_parameters()) if n.endswith("lora_b")], strict=False)
+    mx.eval(model.parameters())
+    return model
 
 
-def reference_for(name, batch, beta, gamma_beta_ratio, eps):
-    pc, pr, rc, rr, nc, nr = batch
-    if name == "dpo":
-        return ref.dpo(pc, pr, rc, rr, beta, eps)
-    if name == "ipo":  # label smoothing does not apply (as in TRL)
-        return ref.ipo(pc, pr, rc, rr, nc, nr, beta)
-    if name == "hinge":  # label smoothing does not apply (as in TRL)
-        return ref.hinge(pc, pr, rc, rr, beta)
-    if name == "robust":
-        return ref.robust(pc, pr, rc, rr, beta, eps)
-    if name == "simpo":
-        return ref.simpo(pc, pr, nc, nr, beta, gamma_beta_ratio, eps)
-    raise AssertionError(name)
+@pytest.fixture(scope="module")
+def setting():
+    """(model, pairs, reference per-token log-probs): 6 pairs of very different lengths, one of which has a
+    rejected response that starts with the chosen one (identical POET prefixes)."""
+    from poet_mlx.data.tokenization import TokenizedPair
+
+    rng = np.random.default_rng(0)
+    ints = lambda k: rng.integers(1, VOCAB, k).astype(np.int32)  # noqa: E731
+    pairs = [TokenizedPair(ints(int(rng.integers(2, 6))), ints(int(rng.integers(3, 12))),
+                           ints(int(rng.integers(8, 30))), i) for i in range(6)]
+    pairs[5] = TokenizedPair(pairs[5].prompt, pairs[5].chosen, np.concatenate([pairs[5].chosen, ints(4)]), 5)
+    ref = [(rng.normal(-4, 1, len(p.chosen)).astype(np.float32), rng.normal(-4, 1, len(p.rejected)).astype(np.float32))
+           for p in pairs]
+    return tiny_lora_model(), pairs, ref
 
 
-DIRECT = {"dpo": dpo_sigmoid_loss, "ipo": ipo_loss, "hinge": hinge_loss, "robust": robust_loss, "simpo": simpo_loss}
+def response_logps(model, prompt, response):
+    """(len(response),) log-probs of one unpadded prompt + response under the model (no batching code)."""
+    from poet_mlx.logprobs import per_token_logps
+
+    seq = mx.array(np.concatenate([prompt, response])[None])
+    return per_token_logps(model(seq[:, :-1]), seq[:, 1:])[0, len(prompt) - 1:]
 
 
-@pytest.mark.parametrize("name", ["dpo", "ipo", "hinge", "robust", "simpo"])
-@pytest.mark.parametrize("eps", [0.0, 0.1, 0.25, 0.4])
-@pytest.mark.parametrize("beta", [0.01, 0.1, 0.5, 2.0, 10.0])
-def test_losses_match_numpy_reference(name, eps, beta):
-    gbr = 0.3 if beta >= 2 else 0.5
-    # A deterministic seed per case (str hashes are salted per process).
-    batch = random_batch(seed=int(1000 * beta) + 7 * int(100 * eps) + 13 * len(name))
-    pc, pr, rc, rr, nc, nr = batch
-    p = pair(pc, pr, nc, nr, rc=rc, rr=rr)
-    expected = reference_for(name, batch, beta, gbr, eps)
-    via_dispatch = preference_loss(name, p, beta=beta, gamma_beta_ratio=gbr, label_smoothing=eps)
-    direct = DIRECT[name](p, beta=beta, gamma_beta_ratio=gbr, label_smoothing=eps)
-    for got in (via_dispatch, direct):
-        for what, a, e in zip(("loss", "chosen reward", "rejected reward"), got, expected):
-            assert a.shape == (len(pc),) and a.dtype == mx.float32
-            close(a, e, rtol=1e-5, atol=1e-6, msg=f"{name} {what} beta={beta} eps={eps}")
+def independent_objective(model, pairs, ref, cfg):
+    """The objective from one unpadded forward per response: sums cut by hand (POET's k, LD-DPO's weights),
+    the whole chosen response for the NLL terms, then `pair_objective`."""
+    sums = {"pc": [], "pr": [], "nc": [], "nr": [], "rc": [], "rr": [], "full": [], "nfull": []}
+    for p, (ref_c, ref_r) in zip(pairs, ref):
+        n_c, n_r = len(p.chosen), len(p.rejected)
+        k = min(n_c, n_r)
+        score = max(1, math.floor(cfg.poet_ratio * k + 1e-9)) if cfg.poet else None
+        lp_c, lp_r = response_logps(model, p.prompt, p.chosen), response_logps(model, p.prompt, p.rejected)
+        for side, lp, rf, n in (("c", lp_c, ref_c, n_c), ("r", lp_r, ref_r, n_r)):
+            m = score or n
+            w = np.ones(n, np.float32)
+            w[m:] = 0.0
+            if cfg.ld_alpha is not None:
+                w[k:] = cfg.ld_alpha
+            sums[f"p{side}"].append((lp * mx.array(w)).sum())
+            sums[f"r{side}"].append(float((rf * w).sum()))
+            sums[f"n{side}"].append(float(m))
+        sums["full"].append(lp_c.sum())
+        sums["nfull"].append(float(n_c))
+    a = {k: mx.stack(v) if isinstance(v[0], mx.array) else mx.array(np.asarray(v, np.float32)) for k, v in sums.items()}
+    p = pw.PairLogps(a["pc"], a["pr"], a["nc"], a["nr"], a["rc"], a["rr"], a["full"], a["nfull"])
+    losses, metrics = pair_objective(p, cfg.mixture)
+    return losses.mean(), metrics
 
 
-finite = dict(allow_nan=False, allow_infinity=False, width=32)
+def through_the_objective(model, pairs, ref, cfg):
+    from poet_mlx.batching import pair_set
+    from poet_mlx.head import output_head
+    from poet_mlx.objective import batch_inputs, batch_objective
+
+    s = pair_set(pairs, cfg)
+    s.ref = ref if cfg.needs_reference else None
+    return batch_objective(model, *batch_inputs(s.batch(list(range(len(pairs))), 0)), cfg, output_head(model))
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    name=st.sampled_from(["dpo", "ipo", "hinge", "robust", "simpo"]),
-    pc=st.floats(-500, 0, **finite),
-    pr=st.floats(-500, 0, **finite),
-    dc=st.floats(-20, 20, **finite),
-    dr=st.floats(-20, 20, **finite),
-    nc=st.integers(1, 4096),
-    nr=st.integers(1, 4096),
-    beta=st.sampled_from([0.01, 0.05, 0.1, 1.0, 2.5, 10.0]),
-    gbr=st.floats(0, 1.5, **finite),
-    eps=st.sampled_from([0.0, 0.05, 0.1, 0.3, 0.45]),
-)
-def test_losses_match_reference_hypothesis(name, pc, pr, dc, dr, nc, nr, beta, gbr, eps):
-    rc, rr = np.float32(pc + dc), np.float32(pr + dr)
-    batch = tuple(np.array([v], np.float32) for v in (pc, pr, rc, rr, nc, nr))
-    p = pair(*batch[:2], batch[4], batch[5], rc=batch[2], rr=batch[3])
-    got = preference_loss(name, p, beta=beta, gamma_beta_ratio=gbr, label_smoothing=eps)
-    expected = reference_for(name, batch, beta, gbr, eps)
-    # The log-ratios are formed in float32 from sums up to 500: allow their rounding (~3e-5 absolute)
-    # scaled by beta, on top of the relative tolerance.
-    atol = 1e-6 + 1e-4 * beta
-    for what, a, e in zip(("loss", "chosen reward", "rejected reward"), got, expected):
-        close(a, e, rtol=1e-5, atol=atol if name != "ipo" else atol * (1 + abs(float(e[0]))), msg=f"{name} {what}")
+def loss_and_grads(fn, model):
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    (loss, metrics), grads = nn.value_and_grad(model, lambda m: fn(m))(model)
+    mx.eval(loss, metrics, grads)
+    return float(loss), metrics, dict(tree_flatten(grads))
 
 
-def test_sft_nll_matches_reference():
-    rng = np.random.default_rng(3)
-    lp = rng.uniform(-500, -0.1, 32).astype(np.float32)
-    n = rng.integers(1, 300, 32).astype(np.float32)
-    close(sft_nll(mx.array(lp), mx.array(n)), ref.sft_term(lp, n, 1.0))
-    assert np.all(np.array(sft_nll(mx.array(lp), mx.array(n))) > 0), "NLL of a log-prob < 0 must be positive"
+def config_for(name, **kw):
+    from poet_mlx.config import LossConfig
+
+    knobs = {"label_smoothing": 0.1} if "label_smoothing" in LOSS_SPECS[name].knobs else {}
+    knobs.update({"sft_weight": 0.5} if name == "simpo" else {})
+    return LossConfig(loss=name, **knobs, **kw)
 
 
-# ============================================================ (c) metrics
+def assert_same(a, b, what):
+    (la, ma, ga), (lb, mb, gb) = a, b
+    assert la == pytest.approx(lb, rel=1e-5, abs=1e-6), what
+    for k in mb:
+        np.testing.assert_allclose(np.array(ma[k]), np.array(mb[k]), rtol=1e-4, atol=1e-5, err_msg=f"{what} {k}")
+    assert set(ga) == set(gb)
+    for k in ga:
+        scale = max(float(np.abs(np.array(gb[k])).max()), 1e-8)
+        np.testing.assert_allclose(np.array(ga[k]), np.array(gb[k]), rtol=1e-3, atol=1e-4 * scale,
+                                   err_msg=f"{what} grad {k}")
 
 
-def test_metric_names_and_values():
-    """Rewards (0.2, 0.0), (0.1, 0.1) tie, (-0.3, 0.2): margins 0.2, 0.0, -0.5; accuracies 1, 0 (strict >), 0."""
-    p = pair([-10.0, -11.0, -20.0], [-15.0, -14.0, -9.0], rc=[-12.0, -12.0, -17.0], rr=[-15.0, -15.0, -11.0])
-    losses, rc, rr = dpo_sigmoid_loss(p, beta=0.1)
-    m = pair_metrics(p, losses, rc, rr)
-    assert set(m) == TRL_METRICS
-    close(m["rewards/chosen"], [0.2, 0.1, -0.3])
-    close(m["rewards/rejected"], [0.0, 0.1, 0.2])
-    close(m["rewards/margins"], [0.2, 0.0, -0.5])
-    np.testing.assert_array_equal(np.array(m["rewards/accuracies"]), [1.0, 0.0, 0.0])
-    np.testing.assert_array_equal(np.array(m["logps/chosen"]), [-10.0, -11.0, -20.0])
-    np.testing.assert_array_equal(np.array(m["logps/rejected"]), [-15.0, -14.0, -9.0])
-    np.testing.assert_array_equal(np.array(m["loss"]), np.array(losses))
-    for v in m.values():
-        assert v.shape == (3,)
+@pytest.mark.parametrize("poet", [False, True], ids=["full", "poet"])
+@pytest.mark.parametrize("name", list(LOSS_SPECS))
+def test_every_loss_through_the_objective(name, poet, setting):
+    """Value, metrics and LoRA gradients of batch_objective (packed feed, POET cut by truncation) equal the
+    same loss on sums taken by hand from one unpadded forward per response."""
+    model, pairs, ref = setting
+    cfg = config_for(name, poet=poet)
+    got = loss_and_grads(lambda m: through_the_objective(m, pairs, ref, cfg), model)
+    want = loss_and_grads(lambda m: independent_objective(m, pairs, ref, cfg), model)
+    assert_same(got, want, f"{name} poet={poet}")
+    assert any(float(np.abs(np.array(g)).max()) > 0 for g in got[2].values())
 
 
-def test_exact_tie_is_not_accurate():
-    """Identical rewards (bit-equal) count as wrong under the strict >."""
-    p = pair(-5.0, -5.0, rc=-5.0, rr=-5.0)
-    losses, rc, rr = dpo_sigmoid_loss(p, beta=0.1)
-    m = pair_metrics(p, losses, rc, rr)
-    assert float(m["rewards/accuracies"][0]) == 0.0
-    close(losses, [math.log(2.0)], rtol=0, atol=1e-7)
+LD_LOSSES = [n for n, s in LOSS_SPECS.items() if s.ld_alpha]
 
 
-@pytest.mark.parametrize("name", ["dpo", "ipo", "hinge", "robust", "simpo"])
-def test_metrics_match_reference(name):
-    batch = random_batch(seed=11)
-    pc, pr, rc, rr, nc, nr = batch
-    p = pair(pc, pr, nc, nr, rc=rc, rr=rr)
-    losses, rwc, rwr = preference_loss(name, p, beta=0.1, gamma_beta_ratio=0.5, label_smoothing=0.1)
-    got = pair_metrics(p, losses, rwc, rwr)
-    e_loss, e_c, e_r = reference_for(name, batch, 0.1, 0.5, 0.1)
-    expected = ref.metrics(e_loss, e_c, e_r, pc, pr)
-    assert set(got) == set(expected) == TRL_METRICS
-    for key in TRL_METRICS:
-        if key == "rewards/accuracies":
-            # Compare with the code's own rewards, so float32 rounding cannot flip a near-tie.
-            np.testing.assert_array_equal(np.array(got[key]), (np.array(rwc) > np.array(rwr)).astype(np.float32))
-            assert np.mean(np.array(got[key]) == expected[key]) > 0.95
-        else:
-            close(got[key], expected[key], rtol=1e-5, atol=1e-5, msg=key)
+@pytest.mark.parametrize("name", LD_LOSSES)
+def test_ld_dpo_through_the_objective(name, setting):
+    """LD-DPO (ld_alpha 0.5): every response's tokens past the shorter one's length count half, for the policy
+    and the reference; averaged losses (ipo, sigmoid_norm) still divide by the full lengths, as TRL."""
+    model, pairs, ref = setting
+    cfg = config_for(name, ld_alpha=0.5)
+    got = loss_and_grads(lambda m: through_the_objective(m, pairs, ref, cfg), model)
+    assert_same(got, loss_and_grads(lambda m: independent_objective(m, pairs, ref, cfg), model), name)
 
 
-# ============================================================ (d) special cases and gradients
+@pytest.mark.parametrize("loss", [n for n in LD_LOSSES if n not in ("ipo", "sigmoid_norm")]
+                         + ["sigmoid bco_pair sft"])
+def test_poet_equals_ld_dpo_with_alpha_zero(loss, setting):
+    """POET.md: TRL's LD-DPO with ld_alpha = 0 is POET, for every loss on log-prob sums: same loss, rewards,
+    logps and gradients (num_tokens differ: POET counts k, LD-DPO the full lengths; the sft term scores the whole
+    chosen responses in both). Not for ipo/sigmoid_norm, which divide by the full lengths under LD-DPO."""
+    from poet_mlx.config import LossConfig
+
+    model, pairs, ref = setting
+    knobs = {"label_smoothing": 0.1} if loss in ("exo_pair", "robust", "sigmoid", "aot", "aot_unpaired") else {}
+    weights = [0.8, 0.2, 1.0] if " " in loss else None
+    poet = loss_and_grads(lambda m: through_the_objective(m, pairs, ref, LossConfig(
+        loss, loss_weights=weights, poet=True, **knobs)), model)
+    ld = loss_and_grads(lambda m: through_the_objective(m, pairs, ref, LossConfig(
+        loss, loss_weights=weights, ld_alpha=0.0, **knobs)), model)
+    for m in (poet[1], ld[1]):
+        m.pop("num_tokens/chosen"), m.pop("num_tokens/rejected")
+    assert_same(poet, ld, loss)
 
 
-@pytest.mark.parametrize("beta", [0.01, 0.1, 1.0])
-def test_zero_label_smoothing_cdpo_is_dpo(beta):
-    pc, pr, rc, rr, nc, nr = random_batch(seed=5)
-    p = pair(pc, pr, nc, nr, rc=rc, rr=rr)
-    plain = dpo_sigmoid_loss(p, beta=beta)
-    smoothed = dpo_sigmoid_loss(p, beta=beta, label_smoothing=0.0)
-    robust = robust_loss(p, beta=beta, label_smoothing=0.0)
-    for a, b, c in zip(plain, smoothed, robust):
-        np.testing.assert_array_equal(np.array(a), np.array(b))
-        close(c, a, rtol=1e-6, atol=1e-7, msg="robust with eps = 0 must equal DPO")
+def test_averaged_losses_under_ld_dpo_divide_by_the_full_length(setting):
+    """ipo with ld_alpha 0 = the IPO formula on POET's prefix sums over the FULL lengths (TRL), not over k."""
+    model, pairs, ref = setting
+    _, metrics = through_the_objective(model, pairs, ref, config_for("ipo", ld_alpha=0.0))
+    assert np.array(metrics["num_tokens/chosen"]).tolist() == [len(p.chosen) for p in pairs]
+    _, poet = through_the_objective(model, pairs, ref, config_for("ipo", poet=True))
+    np.testing.assert_allclose(np.array(metrics["rewards/margins"]), np.array(poet["rewards/margins"]), rtol=1e-5)
+    assert not np.allclose(np.array(metrics["loss"]), np.array(poet["loss"]))
 
 
-@pytest.mark.parametrize("eps", [0.1, 0.3])
-def test_cdpo_and_robust_are_different_losses(eps):
-    """Guard against a sign slip: at eps > 0 cDPO and robust differ (robust = (cDPO - 2 eps L(-z)) / (1 - 2 eps))."""
-    p = pair(-10.0, -15.0, rc=-12.0, rr=-15.0)
-    c = float(dpo_sigmoid_loss(p, beta=0.1, label_smoothing=eps)[0][0])
-    r = float(robust_loss(p, beta=0.1, label_smoothing=eps)[0][0])
-    l_neg = L02 + 0.2  # L(-0.2)
-    assert abs(r - (c - 2 * eps * l_neg) / (1 - 2 * eps)) < 1e-6
+# ------------------------------------------------------------------ settings: one flag / YAML key, knobs checked
 
 
-def _grads(loss_fn, p, argnums, **kw):
-    def f(pc, pr):
-        q = PairLogps(pc, pr, p.chosen_tokens, p.rejected_tokens, p.reference_chosen, p.reference_rejected)
-        return loss_fn(q, **kw)[0].sum()
+def validated(**flat):
+    from poet_mlx.config import RunConfig, validate
 
-    return mx.grad(f, argnums=argnums)(p.policy_chosen, p.policy_rejected)
-
-
-def test_dpo_gradient_signs_and_values():
-    """d/d pi_c [-log sigma(beta h)] = -beta sigma(-beta h) < 0; d/d pi_r = +beta sigma(-beta h) > 0."""
-    pc, pr, rc, rr, nc, nr = random_batch(seed=9, b=32)
-    beta = 0.1
-    p = pair(pc, pr, nc, nr, rc=rc, rr=rr)
-    gc, gr = _grads(dpo_sigmoid_loss, p, (0, 1), beta=beta)
-    gc, gr = np.array(gc), np.array(gr)
-    assert np.all(gc < 0), f"DPO must push the chosen log-prob up (d loss / d pi_c < 0), got {gc}"
-    assert np.all(gr > 0), f"DPO must push the rejected log-prob down (d loss / d pi_r > 0), got {gr}"
-    h = (np64(pc) - rc) - (np64(pr) - rr)
-    s = 1.0 / (1.0 + np.exp(beta * h))  # sigma(-beta h)
-    close(gc, -beta * s, rtol=1e-5, atol=1e-7)
-    close(gr, beta * s, rtol=1e-5, atol=1e-7)
+    cfg = RunConfig.from_flat({"model": "m/x", "data": "d.jsonl", **flat})
+    validate(cfg)
+    return cfg.loss
 
 
-def test_simpo_gradient_scales_with_length():
-    """d/d pi_c [-log sigma(m)] = -(beta / n_c) sigma(-m) < 0."""
-    pc, pr, rc, rr, nc, nr = random_batch(seed=10, b=32)
-    p = pair(pc, pr, nc, nr)
-    gc, _ = _grads(simpo_loss, p, (0, 1), beta=2.0, gamma_beta_ratio=0.5)
-    gc = np.array(gc)
-    m = 2.0 * (np64(pc) / nc - np64(pr) / nr) - 1.0
-    # Where m is huge, sigma(-m) underflows float32 to 0: strictly negative only where it cannot.
-    assert np.all(gc <= 0) and np.all(gc[m < 30] < 0), f"SimPO must push the chosen log-prob up, got {gc}"
-    close(gc, -(2.0 / np64(nc)) / (1.0 + np.exp(m)), rtol=1e-5, atol=1e-8)
+def test_several_losses_from_flags_and_yaml(tmp_path):
+    from poet_mlx.cli.args import build_config
+    from poet_mlx.cli.train import build_parser
+    from poet_mlx.config import RunConfig, load_yaml
+
+    args = build_parser().parse_args(["--model", "m/x", "--data", "d.jsonl", "--loss", "sigmoid", "bco_pair", "sft",
+                                      "--loss-weights", "0.8", "0.2", "1.0"])
+    ls = build_config(args).loss
+    assert (ls.loss, ls.loss_weights, ls.weights) == ("sigmoid bco_pair sft", [0.8, 0.2, 1.0], (0.8, 0.2, 1.0))
+    assert ls.needs_reference and ls.needs_full_chosen and ls.reward == "log_ratio"
+    for text in ("loss: [sigmoid, bco_pair, sft]\nloss_weights: [0.8, 0.2, 1]\n",
+                 "loss: sigmoid bco_pair sft\nloss_weights: [0.8, 0.2, 1.0]\n"):
+        (tmp_path / "c.yaml").write_text(text)
+        again = RunConfig.from_flat(load_yaml(tmp_path / "c.yaml")).loss
+        assert (again.loss, again.loss_weights) == (ls.loss, ls.loss_weights)
+    dpo = validated(loss="dpo")  # the old spelling keeps working, as an alias
+    assert dpo.loss == "dpo" and dpo.specs == validated(loss="sigmoid").specs and dpo.resolved_beta == 0.1
+
+
+@pytest.mark.parametrize("flat,key", [
+    ({"loss": "ipo", "label_smoothing": 0.3}, "label_smoothing"),  # accepted and ignored before issue #13
+    ({"loss": "hinge", "gamma_beta_ratio": 0.8}, "gamma_beta_ratio"),
+    ({"loss": "dpo", "sft_weight": 0.5}, "sft_weight"),
+    ({"loss": "simpo", "cpo_alpha": 0.5}, "cpo_alpha"),
+    ({"loss": "sigmoid", "discopop_tau": 0.1}, "discopop_tau"),
+    ({"loss": "simpo", "ld_alpha": 0.5}, "ld_alpha"),
+    ({"loss": "sft", "ld_alpha": 0.5}, "ld_alpha"),
+    ({"loss": "sigmoid", "ld_alpha": 0.5, "poet": True}, "ld_alpha"),
+    ({"loss": "sigmoid", "ld_alpha": 1.5}, "ld_alpha"),
+    ({"loss": "exo_pair"}, "label_smoothing"),
+    ({"loss": "sigmoid bco_pair", "loss_weights": [1.0]}, "loss_weights"),
+    ({"loss": "sigmoid bco_pair", "loss_weights": [1.0, 0.0]}, "loss_weights"),
+    ({"loss": "dpo sigmoid"}, "loss"),
+    ({"loss": "simpo sigmoid", "beta": 0.5}, "loss"),
+    ({"loss": "simpo orpo"}, "beta"),
+    ({"loss": "orpo", "ref_model": "m/ref"}, "ref_model"),
+])
+def test_a_knob_no_loss_reads_is_an_error(flat, key):
+    from poet_mlx.errors import PoetError
+
+    with pytest.raises(PoetError, match=f"^'{key}' "):
+        validated(**flat)
+
+
+def test_knobs_a_loss_reads_are_accepted():
+    assert validated(loss="robust", label_smoothing=0.2).label_smoothing == 0.2
+    assert validated(loss="sigmoid sft", ld_alpha=0.5).ld_alpha == 0.5  # sigmoid reads it
+    assert validated(loss="simpo orpo", beta=1.0).resolved_beta == 1.0
+    assert validated(loss="cpo", cpo_alpha=0.0).needs_full_chosen is False
+    assert validated(loss="exo_pair", label_smoothing=1e-3).needs_reference
+    assert validated(loss="simpo sft").resolved_beta == 2.0  # sft's beta only scales rewards: it adopts SimPO's
+
+
+def test_reference_free_mixes_skip_the_reference():
+    assert [validated(loss=n).needs_reference for n in ("simpo", "cpo", "orpo", "sft")] == [False] * 4
+    assert validated(loss="sigmoid sft").needs_reference
+    assert validated(loss="simpo sft").needs_reference is False
+
+
+def test_train_help_lists_every_loss(capsys):
+    from conftest import cli
+
+    assert cli("train", "--help") == 0
+    out = capsys.readouterr().out
+    for name in LOSS_SPECS:
+        assert f"\n  {name} " in out or f"\n  {name}(" in out or f"\n  {name} (= dpo)" in out, name
+    assert "--loss-weights" in out and "--ld-alpha" in out and "--cpo-alpha" in out
+
+
+def test_readme_losses_table_has_every_loss_with_its_reference_column():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("\n## Losses"):]
+    section = section[: section.index("\n## ", 5)]
+    rows = {line.split("|")[1].strip().split()[0].strip("`"): line.split("|") for line in section.splitlines()
+            if line.startswith("| `")}
+    assert list(rows) == list(LOSS_SPECS)
+    for name, cells in rows.items():
+        assert cells[3].strip() == ("yes" if LOSS_SPECS[name].reference else "no"), name
+        for knob in LOSS_SPECS[name].knobs:
+            assert f"`{knob}`" in cells[4], (name, knob)

@@ -137,8 +137,9 @@ def test_batch_path_equals_masked_full_sequence(base, pairs, full_logps):
     assert [(lay.score_chosen, lay.score_rejected, lay.keep_chosen, lay.keep_rejected) for lay in layouts] \
         == [(k, k, k, k) for k in ks]
     metrics, batches = run_batch(model, pairs, layouts, loss="simpo")
-    want_c = masked_sums([f[0] for f in full_logps], ks)
-    want_r = masked_sums([f[1] for f in full_logps], ks)
+    # SimPO logs the averages it scores (as princeton SimPO and TRL's CPO do): sums over k, divided by k.
+    want_c = masked_sums([f[0] for f in full_logps], ks) / np.asarray(ks)
+    want_r = masked_sums([f[1] for f in full_logps], ks) / np.asarray(ks)
     np.testing.assert_allclose(metrics["logps/chosen"], want_c, rtol=1e-5)
     np.testing.assert_allclose(metrics["logps/rejected"], want_r, rtol=1e-5)
     np.testing.assert_array_equal(metrics["num_tokens/chosen"], ks)
@@ -296,3 +297,4 @@ def test_ratio_half_keeps_floor_half_k(base, pairs, full_logps):
         for j, i in enumerate(b.indices):
             used = len(pairs[i].prompt) + ks[i]
             assert (b.tokens[j, used:] == PAD_ID).all() and (b.tokens[j + len(b.indices), used:] == PAD_ID).all()
+

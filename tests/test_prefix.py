@@ -47,16 +47,22 @@ def test_curve_counts_accuracy_and_margin():
     assert c.full == {"accuracy": 0.5, "margin": pytest.approx(-0.75), "pairs": 2}
 
 
-def test_simpo_and_ipo_average_over_the_prefix():
+def test_simpo_and_orpo_average_over_the_prefix_ipo_sums():
     c = prefix_curve(POLICY, None, "simpo", beta=2.0, ks=(1, 2))
     # k=2, pair 0: 2 * mean(-1, -2) - 2 * mean(-2, -1) = 0; full: 2 * (-2) - 2 * (-1.5) = -1 (pair 0),
     # 2 * (-0.5) - 2 * (-1) = 1 (pair 1).
     assert c.margin[1] == pytest.approx(0.0) and c.full["margin"] == pytest.approx(0.0)
     assert c.full["accuracy"] == 0.5
+    orpo = prefix_curve(POLICY, None, "orpo", beta=2.0, ks=(1, 2))
+    assert orpo.to_json()["margin"] == c.to_json()["margin"] and orpo.full == c.full
+    # IPO's rewards are beta times the summed log-ratios, as TRL 1.16 logs them (its loss averages).
     ipo = prefix_curve(POLICY, REFERENCE, "ipo", beta=1.0, ks=(2,))
-    assert ipo.margin[0] == pytest.approx(-0.5 - (-0.5))  # mean log-ratios (0, -1) vs (-1, 0)
-    # full, pair 0: mean(0, -1, -2) - mean(-1, 0) = -1 + 0.5
-    assert ipo.full["margin"] == pytest.approx(((-1 + 0.5) + (0.5 - 0)) / 2)
+    assert ipo.margin[0] == pytest.approx(-1 - (-1))  # summed log-ratios (0, -1) vs (-1, 0)
+    # full, pair 0: (0 - 1 - 2) - (-1 + 0) = -2; pair 1: 0.5 - 0 = 0.5.
+    assert ipo.full["margin"] == pytest.approx((-2 + 0.5) / 2)
+    # CPO: beta times the policy's sums, no reference; k=1: pair 0: -1 - (-2) = 1, pair 1: -0.5 - (-1) = 0.5.
+    cpo = prefix_curve(POLICY, None, "cpo", beta=1.0, ks=(1,))
+    assert cpo.margin[0] == pytest.approx(0.75) and cpo.accuracy[0] == 1.0
 
 
 def test_errors_and_json_round_trip():
@@ -120,3 +126,4 @@ def test_prefix_curve_equals_brute_force_truncation(tiny_model_dir, tiny_data_di
             _, per_pair = evaluate(model, pair_set, LossConfig(loss, beta), 4)
             assert acc == pytest.approx(per_pair["rewards/accuracies"].mean()), (loss, k)
             assert margin == pytest.approx(per_pair["rewards/margins"].mean(), rel=1e-4, abs=1e-6), (loss, k)
+

@@ -4,8 +4,9 @@
 - `module:function` or `path/to/file.py:function`: any Python callable `function(prompt, reply) -> float`,
   e.g. `poet_mlx.demo.task:judge`. `prompt` is the row's prompt text (for a conversational row, the content
   of its last prompt message); `reply` is the generated text.
-- `implicit:RUN`: the implicit reward of a trained run (DPO family: beta * (log pi - log ref) of the reply;
-  SimPO: beta * its average log-prob), scored on the same token ids that were sampled.
+- `implicit:RUN`: the implicit reward of a trained run, as its loss's registry entry measures it (the DPO
+  family: beta * (log pi - log ref) of the reply; CPO/SFT: beta * log pi; SimPO/ORPO: beta * its average
+  log-prob), scored on the same token ids that were sampled.
 """
 
 from __future__ import annotations
@@ -141,7 +142,6 @@ class ImplicitJudge:
         """Rewards of the samples, whose token ids come from `tokenizer` (the evaluated model's)."""
         from ..adapters import adapters_disabled
         from ..scoring import score_sequences
-        from .prefix import AVERAGED_LOSSES
 
         if tokenizer is None:
             raise ValueError("an implicit judge scores token ids: pass the tokenizer they come from")
@@ -152,15 +152,15 @@ class ImplicitJudge:
         # An empty reply still gets one scored token (the EOS it would need), so every score is defined.
         replies = [r if r else [eos or 0] for r in replies]
         sequences = [(np.asarray(s.prompt_ids, np.int32), np.asarray(r, np.int32)) for s, r in zip(samples, replies)]
-        loss, beta = self.cfg.loss.loss, self.cfg.loss.resolved_beta
+        kind, beta = self.cfg.loss.reward, self.cfg.loss.resolved_beta
         policy, _ = score_sequences(self.model, sequences, self.batch_size)
-        if loss != "simpo":
+        if kind == "log_ratio":
             with adapters_disabled(self.model):
                 reference, _ = score_sequences(self.model, sequences, self.batch_size)
             sums = [float(p.sum() - r.sum()) for p, r in zip(policy, reference)]
         else:
             sums = [float(p.sum()) for p in policy]
-        if loss in AVERAGED_LOSSES:
+        if kind == "mean_logps":
             sums = [s / len(r) for s, r in zip(sums, replies)]
         return [beta * s for s in sums]
 

@@ -6,9 +6,10 @@ prefix. Given per-token log-probs of every full response (one forward pass), the
 prefix length k is a cumulative sum, so the whole curve costs no extra model call.
 
 Definitions (k counts response tokens, after the chat template and EOS, exactly as training sees them):
-- DPO family (dpo, hinge, robust): r(k) = beta * (sum of the first k policy log-probs - the same sum of the
-  reference's). IPO: beta times the same log-ratio averaged over the k tokens (as its rewards are). SimPO:
-  r(k) = beta * (average of the first k policy log-probs), with no gamma (the margin is chosen - rejected).
+- The reward is the loss's own (`losses.registry`, the `reward` of its entry, as its rewards/* metrics):
+  reference-based losses (the DPO family, IPO included, as TRL logs them): r(k) = beta * (sum of the first k
+  policy log-probs - the same sum of the reference's); CPO and SFT: beta * the sum of the first k policy
+  log-probs; SimPO and ORPO: beta * their average, with no gamma (the margin is chosen - rejected).
 - A pair *reaches* k when both responses have at least k tokens; a curve point averages the pairs that
   reach it (`pairs` says how many). Below k the pair's shorter reply has ended, so "the first k tokens" of
   it would be the whole reply: such a pair is left out rather than compared on unequal terms.
@@ -28,11 +29,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..losses.registry import reward_of
+
 PREFIX_KS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """The prefix lengths of `poet-mlx eval --prefix-curve` (plus "full")."""
 
-AVERAGED_LOSSES = ("ipo", "simpo")
-"""Losses whose implicit reward is averaged over the scored tokens rather than summed."""
 
 TokenLogps = Sequence[tuple[np.ndarray, np.ndarray]]
 """Per pair: (chosen, rejected) 1-D arrays of per-token log-probs over the full responses."""
@@ -96,8 +97,9 @@ def prefix_rewards(policy: TokenLogps, reference: Optional[TokenLogps], ks: Sequ
 
     Args:
         policy: per pair (chosen, rejected) per-token log-probs of the scored model, full responses.
-        reference: the reference's, same shapes (DPO family); ignored (may be None) for SimPO.
+        reference: the reference's, same shapes; ignored (may be None) for reference-free rewards.
         ks: K prefix lengths (>= 1).
+        loss: the loss setting (one name or several), whose registry entry says how rewards are measured.
 
     Returns:
         (chosen, rejected, reached): (N, K+1) float64 rewards, the last column being "full", and an (N, K+1)
@@ -105,7 +107,8 @@ def prefix_rewards(policy: TokenLogps, reference: Optional[TokenLogps], ks: Sequ
     """
     if any(k < 1 for k in ks):
         raise ValueError(f"prefix lengths must be >= 1, got {list(ks)}")
-    uses_reference = loss != "simpo"
+    kind = reward_of(loss)
+    uses_reference, averaged = kind == "log_ratio", kind == "mean_logps"
     if uses_reference and reference is None:
         raise ValueError(f"loss {loss!r} needs reference log-probs")
     out = []
@@ -122,8 +125,8 @@ def prefix_rewards(policy: TokenLogps, reference: Optional[TokenLogps], ks: Sequ
         for j, k in enumerate(ks):
             side_reached[:, j] = n >= k
             col = min(k, cum.shape[1] - 1)
-            rewards[:, j] = cum[:, col] / (k if loss in AVERAGED_LOSSES else 1)
-        rewards[:, -1] = cum[np.arange(len(n)), n] / (np.maximum(n, 1) if loss in AVERAGED_LOSSES else 1)
+            rewards[:, j] = cum[:, col] / (k if averaged else 1)
+        rewards[:, -1] = cum[np.arange(len(n)), n] / (np.maximum(n, 1) if averaged else 1)
         out.append(beta * rewards)
         reached = side_reached if reached is None else reached & side_reached
     chosen, rejected = out

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE
-from ..config import DEFAULT_BETA
 from ..errors import PoetError
+from ..losses.registry import default_beta, spec, split_names, title_of
 from ..models import HUB_ID
 
 
@@ -68,13 +68,38 @@ def final_metrics(metrics: list[dict]) -> tuple[dict, dict]:
 
 
 # -- model card -------------------------------------------------------------------------------------------------
-LOSS_NAMES = {"dpo": "DPO", "ipo": "IPO", "hinge": "hinge DPO", "robust": "robust DPO", "simpo": "SimPO"}
 CARD_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
                 "logps/chosen", "logps/rejected")
 
 
 def _num(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def objective_fact(c: dict) -> str:
+    """"sigmoid bco_pair sft (weights 0.8, 0.2, 1), beta 0.1, ..." from a run's flat settings: the loss, beta,
+    and each knob its losses read (`losses.registry`), where it differs from its default."""
+    loss = c["loss"]
+    names = split_names(loss)
+    try:
+        specs = [spec(n) for n in names]
+    except KeyError:
+        return str(loss)
+    beta = c.get("beta") if c.get("beta") is not None else default_beta(specs)
+    text = loss + (f" (weights {', '.join(_num(w) for w in c['loss_weights'])})" if c.get("loss_weights") else "")
+    text += f", beta {_num(beta)}"
+    knobs = [k for s in specs for k in s.knobs]
+    if "gamma_beta_ratio" in knobs:
+        ratio = c.get("gamma_beta_ratio", 0.5)
+        text += f", gamma {_num(ratio * beta)} (gamma_beta_ratio {_num(ratio)})"
+    defaults = {"label_smoothing": 0.0, "sft_weight": 0.0, "cpo_alpha": 1.0, "discopop_tau": 0.05}
+    for knob, default in defaults.items():
+        shown = c.get(knob, default) != default or knob == "cpo_alpha"  # CPO's NLL weight always matters
+        if knob in knobs and shown:
+            text += f", {knob} {_num(c.get(knob, default))}"
+    if c.get("ld_alpha") is not None:
+        text += f", ld_alpha {_num(c['ld_alpha'])} (LD-DPO)"
+    return text
 
 
 def training_facts(info: RunInfo) -> list[tuple[str, str]]:
@@ -84,16 +109,7 @@ def training_facts(info: RunInfo) -> list[tuple[str, str]]:
     rows = []
     loss = c.get("loss")
     if loss:
-        beta = c.get("beta") if c.get("beta") is not None else DEFAULT_BETA.get(loss)
-        objective = f"{loss}, beta {_num(beta)}"
-        if loss == "simpo":
-            ratio = c.get("gamma_beta_ratio", 0.5)
-            objective += f", gamma {_num(ratio * beta)} (gamma_beta_ratio {_num(ratio)})"
-        if c.get("label_smoothing"):
-            objective += f", label_smoothing {_num(c['label_smoothing'])}"
-        if c.get("sft_weight"):
-            objective += f", sft_weight {_num(c['sft_weight'])}"
-        rows.append(("objective", objective))
+        rows.append(("objective", objective_fact(c)))
         poet = "no"
         if c.get("poet"):
             poet = "yes: both responses of a pair scored on their first k = min(len) tokens"
@@ -127,7 +143,7 @@ def model_card(info: RunInfo, kind: str, base_model: str, dequantized: bool = Fa
     YAML front matter the hub reads, the training facts, the final metrics of the run, and how to load it.
     """
     c = info.config
-    tags = ["poet-mlx", c.get("loss") or "", "poet" if c.get("poet") else "", info.fine_tune_type]
+    tags = ["poet-mlx", *split_names(c.get("loss") or ""), "poet" if c.get("poet") else "", info.fine_tune_type]
     tags += ["peft"] if kind == "peft" else ["mlx"]
     library = "peft" if kind == "peft" else ("transformers" if dequantized else "mlx")
     front = ["---"]
@@ -135,7 +151,7 @@ def model_card(info: RunInfo, kind: str, base_model: str, dequantized: bool = Fa
         front.append(f"base_model: {base_model}")
     front += [f"library_name: {library}", "pipeline_tag: text-generation", "tags:"]
     front += [f"- {t}" for t in tags if t] + ["---", ""]
-    method = LOSS_NAMES.get(c.get("loss"), "preference training") + (" + POET" if c.get("poet") else "")
+    method = title_of(c.get("loss"), c.get("loss_weights")) + (" + POET" if c.get("poet") else "")
     what = {"peft": "Hugging Face PEFT adapters", "fused": "a standalone model (adapters fused into the base)"}[kind]
     if kind == "fused":
         what += ", dequantized" if dequantized else (f", {quantization.get('bits')}-bit quantized like its base"
