@@ -127,3 +127,32 @@ def test_prefix_curve_equals_brute_force_truncation(tiny_model_dir, tiny_data_di
             assert acc == pytest.approx(per_pair["rewards/accuracies"].mean()), (loss, k)
             assert margin == pytest.approx(per_pair["rewards/margins"].mean(), rel=1e-4, abs=1e-6), (loss, k)
 
+
+def test_base_model_prefix_curve_against_another_reference_model(tiny_model_dir, tiny_data_dir, tmp_path):
+    """Fidelity (issue #13): `poet-mlx eval --prefix-curve --ref-model R` with no adapters took the model for its
+    own reference and reported accuracy 0 at every k. It must score --model against R: the same curve as
+    `prefix_curve` of the two models' own per-token log-probs."""
+    import json
+
+    from conftest import cli
+
+    from poet_mlx.data.splits import load_pairs
+    from poet_mlx.demo import task as demo_task
+    from poet_mlx.demo import tiny
+    from poet_mlx.models import load_model
+    from poet_mlx.reporting import Reporter
+    from poet_mlx.scoring import pair_token_logps
+
+    other = tiny.save_tiny_model(tmp_path / "other", texts=demo_task.corpus_texts(0), seed=1)  # same tokenizer
+    data, out = tiny_data_dir / "valid.jsonl", tmp_path / "curves.json"
+    assert cli("eval", "--model", tiny_model_dir, "--ref-model", other, "--data", data, "--prefix-curve",
+               "--curve-output", out, "--quiet", "--max-length", 128, "--max-prompt-length", 32) == 0
+    got = json.loads(out.read_text())["curves"][0]
+    model, tokenizer, _ = load_model(str(tiny_model_dir))
+    pairs = load_pairs(run_config(tiny_model_dir, data, "unused"), tokenizer, "train", Reporter()).pairs
+    want = prefix_curve(pair_token_logps(model, pairs, 4)[0], pair_token_logps(load_model(str(other))[0], pairs, 4)[0],
+                        "dpo", 0.1)
+    assert any(a not in (None, 0.0) for a in got["accuracy"]), "scored against the other model, not itself"
+    assert got["accuracy"] == want.accuracy and got["full"]["accuracy"] == want.full["accuracy"]
+    np.testing.assert_allclose([m for m in got["margin"] if m is not None],
+                               [m for m in want.margin if m is not None], rtol=1e-4)

@@ -165,9 +165,10 @@ def _token_analyses(model, run, label, s, objective, cfg, tokenizer, reporter, r
         result.entropy.append(entropy_profile(ent, label))
     if not curve:
         return
-    if objective.needs_reference and not run:
+    if objective.needs_reference and not run and not cfg.model.ref_model:
         reporter.warning("the base model is its own DPO reference, so its implicit rewards are all 0 (accuracy "
-                         "0 by TRL's strict rule); --loss simpo shows the base model's own preference")
+                         "0 by TRL's strict rule); --loss simpo, or --ref-model, shows the base model's own "
+                         "preference")
         logps = s.ref  # exactly the reference: margins exactly 0, not rounding noise
     pc = prefix_curve(logps, s.ref, objective.loss, objective.resolved_beta, label=label)
     pc.meta = {"data": cfg.data.data, "model": cfg.model.model, "run": run}
