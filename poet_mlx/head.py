@@ -4,7 +4,8 @@ A preference step needs next-token log-probs at the response positions only; pro
 (2B, L) token array on the benchmark's data) never need the (.., V) logits. mlx-lm's causal LMs compute
 `logits = head(model.model(tokens))`, with `head` the `lm_head` or the tied `embed_tokens.as_linear`. Some
 architectures do more (Gemma 2's logit soft-capping, Cohere's logit scale, ...), so the split is trusted only
-after a probe: the split forward must reproduce the model's own logits on a few tokens. Anything else (an
+after a probe: the split forward must reproduce the model's own logits on a few tokens, and never for a config
+that transforms the logits after the head (`LOGIT_TRANSFORMS`). Anything else (an
 unknown wrapper, a model whose trunk wants other arguments) falls back to the full forward, which is always
 correct, only slower.
 """
@@ -38,15 +39,28 @@ def _candidate(model) -> tuple[object, Optional[Head]]:
     return None, None
 
 
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+"""Config keys of architectures that transform the logits after the head (Gemma 2's soft-cap, Cohere's and
+Granite's scales). Such a model is refused before any probe: on a model whose logits are near zero (a fresh
+or tiny one) a soft-cap is nearly the identity, so the probe could pass, and its verdict stays cached."""
+
+
+def transforms_logits(model) -> Optional[str]:
+    """The first LOGIT_TRANSFORMS key set (not None) in the model's config (`model.args`), or None."""
+    args = getattr(model, "args", None)
+    return next((key for key in LOGIT_TRANSFORMS if getattr(args, key, None) is not None), None)
+
+
 def output_head(model) -> Optional[Head]:
     """The model's output head if `model(x) == head(model.model(x))`, checked on a short probe; else None.
+    A model whose config transforms the logits after the head (`LOGIT_TRANSFORMS`) gets None without a probe.
 
     The probe runs in eval mode (dropout off) and restores the previous mode. Its verdict is kept on the
     model for as long as the head module stays the same object (a probe of a 4-bit model on Linux expands
     every weight once: seconds on a CPU).
     """
     owner, head = _candidate(model)
-    if head is None:
+    if head is None or transforms_logits(model):
         return None
     cached = getattr(model, "_poet_head_probe", None)
     if cached is not None and cached[0] is owner:

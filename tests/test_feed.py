@@ -244,3 +244,29 @@ def test_probe_on_mlx_lm_architectures(model_type, extra, split):
     model = module.Model(args)
     mx.eval(model.parameters())
     assert (output_head(model) is not None) == split
+
+
+def test_probe_refuses_logit_transforms_even_when_they_look_like_the_identity():
+    """Fidelity (issue #13): Gemma 2 soft-caps its logits (30 tanh(x / 30)); on a model whose logits are near 0
+    that is the identity to float32 precision, so the probe alone passes and its verdict stays cached, and the
+    split head would then skip the cap on a trained model. The config says so: refused without a probe."""
+    import importlib
+
+    from poet_mlx.head import _candidate, _probe
+
+    module = importlib.import_module("mlx_lm.models.gemma2")
+    args = module.ModelArgs.from_dict({"model_type": "gemma2", "hidden_size": 32, "num_hidden_layers": 2,
+                                       "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                       "rms_norm_eps": 1e-5, "vocab_size": VOCAB, "head_dim": 8,
+                                       "query_pre_attn_scalar": 8})
+    mx.random.seed(0)
+    model = module.Model(args)
+    model.model.embed_tokens.weight = model.model.embed_tokens.weight * 1e-3  # tied head: logits ~1e-3
+    mx.eval(model.parameters())
+    assert _probe(model, _candidate(model)[1]), "near-zero logits: the probe by itself is fooled"
+    assert output_head(model) is None
+    for key, value in (("final_logit_softcapping", 30.0), ("logit_scale", 0.0625), ("logits_scaling", 8.0)):
+        llama = tiny_llama(False)
+        setattr(llama.args, key, value)
+        assert output_head(llama) is None, key
+    assert output_head(tiny_llama(False)) is not None
