@@ -236,3 +236,26 @@ def test_ref_model_scores_the_reference(tiny_model_dir, tiny_data_dir, tmp_path)
     assert ref["eval_ref_logps/chosen"] != pytest.approx(own["eval_ref_logps/chosen"], rel=1e-3)
     assert own["eval_loss"] == pytest.approx(np.log(2), abs=1e-4)  # policy == reference at step 0
     assert abs(ref["eval_loss"] - np.log(2)) > 1e-3
+
+
+def test_reference_cache_key_sees_weight_content_and_versions(tmp_path, monkeypatch):
+    """Fidelity (issue #13): the key hashed the weight files' name, size and mtime only, so a file rewritten with
+    the same size and mtime (cp -p, rsync -t, a checkout) reused old numbers; and a poet-mlx / mlx / mlx-lm fix in
+    how log-probs are computed (the head path) reused numbers cached before it."""
+    import os
+
+    from poet_mlx.data.tokenization import TokenizedPair
+    from poet_mlx.train import reference
+
+    (tmp_path / "config.json").write_text("{}")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\x00" * 64)
+    pairs = [TokenizedPair(np.ones(2, np.int32), np.ones(3, np.int32), np.zeros(3, np.int32), 0)]
+    before = reference.cache_key(tmp_path, pairs)
+    stat = weights.stat()
+    weights.write_bytes(b"\x01" + b"\x00" * 63)  # same size ...
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ... and mtime
+    assert reference.cache_key(tmp_path, pairs) != before
+    key = reference.cache_key(tmp_path, pairs)
+    monkeypatch.setattr(reference, "software_versions", lambda: "mlx=0 mlx-lm=0 poet-mlx=0")
+    assert reference.cache_key(tmp_path, pairs) != key

@@ -3,7 +3,8 @@
 A fresh LoRA/DoRA model (B = 0) or a not-yet-trained full model equals its base, so the policy model itself
 scores the reference before the first update. The per-token log-probs of every full response are kept (not
 only sums): any POET cut k is then a prefix sum, and the prefix-level evaluation reuses them. They are cached
-on disk, keyed by the model's files and the exact token ids, so a second run on the same data skips the pass.
+on disk, keyed by the content of the model's files, the mlx / mlx-lm / poet-mlx versions and the exact token
+ids, so a second run on the same data skips the pass.
 """
 
 from __future__ import annotations
@@ -33,13 +34,31 @@ def cache_dir() -> Path:
 
 
 def model_fingerprint(model_path: str | Path) -> str:
-    """Identity of a model folder: config and the name, size and mtime of each weight file."""
+    """Identity of a model folder: its config and the full content of each weight file (a weight file changed
+    in place, or copied over with its old size and mtime, gets a new key)."""
     path = Path(model_path)
     h = hashlib.sha256((path / "config.json").read_bytes())
     for f in sorted(path.glob("*.safetensors")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
     return h.hexdigest()
+
+
+def software_versions() -> str:
+    """mlx, mlx-lm and poet-mlx versions: a fix in how log-probs are computed (the head path, a kernel) must
+    not reuse numbers cached before it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .. import __version__
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "?"
+
+    return f"mlx={of('mlx')} mlx-lm={of('mlx-lm')} poet-mlx={__version__}"
 
 
 def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
@@ -53,7 +72,9 @@ def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
 
 
 def cache_key(model_path: str | Path, pairs: Sequence[TokenizedPair]) -> str:
-    return hashlib.sha256((model_fingerprint(model_path) + pairs_digest(pairs)).encode()).hexdigest()[:32]
+    """Model weights and config, software versions, and the exact token ids."""
+    parts = (model_fingerprint(model_path), software_versions(), pairs_digest(pairs))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
 def load_cached(key: str) -> Optional[TokenLogps]:
