@@ -266,11 +266,15 @@ def pair_set(pairs: Sequence[TokenizedPair], loss) -> PairSet:
 
 
 def poet_stats(pair_sets) -> dict:
-    """Response tokens per pair without and with the cut: what POET saves on this data."""
+    """Response tokens per pair without and with the cut (what POET saves on this data), and the pairs whose
+    scored prefixes are identical token for token (one response starts with the other): they carry no signal."""
     full = sum(len(p.chosen) + len(p.rejected) for s in pair_sets for p in s.pairs)
     kept = sum(lay.keep_chosen + lay.keep_rejected for s in pair_sets for lay in s.layouts)
     cut = sum(1 for s in pair_sets for p, lay in zip(s.pairs, s.layouts)
               if lay.keep_chosen < len(p.chosen) or lay.keep_rejected < len(p.rejected))
+    # A pair whose scored prefixes are the same tokens has a margin of exactly 0 whatever the model: no signal.
+    same = sum(1 for s in pair_sets for p, lay in zip(s.pairs, s.layouts) if lay.score_chosen == lay.score_rejected
+               and np.array_equal(p.chosen[: lay.score_chosen], p.rejected[: lay.score_rejected]))
     n = max(1, sum(len(s) for s in pair_sets))
-    return {"pairs_cut_by_poet": cut, "response_tokens_per_pair": full / n,
+    return {"pairs_cut_by_poet": cut, "pairs_identical_after_cut": same, "response_tokens_per_pair": full / n,
             "scored_tokens_per_pair": kept / n, "poet_token_saving": 1.0 - kept / max(1, full)}

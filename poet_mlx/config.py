@@ -93,7 +93,7 @@ class LossConfig:
     ld_alpha: Optional[float] = _f(None, "LD-DPO: weight in [0, 1] of each response's tokens beyond the shorter "
                                    "one's length (0 = POET's cut, 1 = plain DPO); DPO-family losses only.")
     poet: bool = _f(False, "POET: score both responses of a pair on their first k = min(len) tokens.")
-    poet_ratio: float = _f(1.0, "POET ablation: keep floor(ratio * k) tokens, ratio in (0, 1].")
+    poet_ratio: float = _f(1.0, "POET ablation: keep max(1, floor(ratio * k)) tokens, ratio in (0, 1].")
 
     @property
     def specs(self) -> tuple:

@@ -128,3 +128,23 @@ def test_truncate_pair_matches_reference(chosen, rejected, ratio):
     assert (c, r) == ref.poet_cut(chosen, rejected, ratio)
     assert len(c) == len(r)
     assert chosen[: len(c)] == c and rejected[: len(r)] == r  # prefixes, nothing added
+
+
+def test_poet_stats_count_pairs_whose_cut_prefixes_are_identical():
+    """A pair whose shorter response is a prefix of the longer one has equal scored prefixes after POET's cut:
+    its margin is 0 whatever the model (no signal). `--poet-ratio` makes more such pairs: here r = 0.5 keeps
+    max(1, floor(0.5 * 4)) = 2 tokens, and the second pair's first 2 tokens agree."""
+    import numpy as np
+
+    from poet_mlx.batching import pair_set, poet_stats
+    from poet_mlx.config import LossConfig
+    from poet_mlx.data.tokenization import TokenizedPair
+
+    a = lambda *v: np.asarray(v, np.int32)  # noqa: E731
+    pairs = [TokenizedPair(a(1), a(5, 6, 7), a(5, 6, 7, 8, 9), 0),  # rejected = chosen + more: identical at k = 3
+             TokenizedPair(a(1), a(5, 6, 7, 8), a(5, 6, 9, 9, 9), 1),  # differ at the 3rd token
+             TokenizedPair(a(1), a(2, 3), a(4, 3), 2)]
+    stats = lambda **kw: poet_stats([pair_set(pairs, LossConfig(**kw))])  # noqa: E731
+    assert stats(poet=True)["pairs_identical_after_cut"] == 1
+    assert stats(poet=True, poet_ratio=0.5)["pairs_identical_after_cut"] == 2
+    assert stats(poet=False)["pairs_identical_after_cut"] == 0

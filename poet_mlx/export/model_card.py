@@ -114,7 +114,7 @@ def training_facts(info: RunInfo) -> list[tuple[str, str]]:
         if c.get("poet"):
             poet = "yes: both responses of a pair scored on their first k = min(len) tokens"
             if c.get("poet_ratio", 1.0) != 1.0:
-                poet += f", keeping floor({_num(c['poet_ratio'])} * k)"
+                poet += f", keeping max(1, floor({_num(c['poet_ratio'])} * k))"
         rows.append(("POET", poet))
     adapters = f"{info.fine_tune_type}"
     if info.fine_tune_type != "full":
