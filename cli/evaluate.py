@@ -94,7 +94,7 @@ def _eval(args) -> int:
                      and not (f.name == "ld_alpha" and hasattr(args, "poet"))]
         keys = (loss_keys if not hasattr(args, "loss") else []) + [
             "poet", "poet_ratio", "max_length", "max_prompt_length", "chat_template", "system_prompt",
-            "model"]
+            "assistant_header", "model"]
         for key in keys:
             if not hasattr(args, key) and saved.get(key) is not None:
                 setattr(args, key, saved[key])

@@ -27,6 +27,7 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 
 DEFAULT_BETA = {name: spec(name).default_beta for name in LOSS_NAMES}
 """Each loss's default beta, from its registry entry (DPO family 0.1 as TRL, SimPO 2.0 as Meng et al.)."""
+ASSISTANT_HEADERS = ("prompt", "response")
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, normalize=None, nargs=None, item=None, **kw) -> Any:
@@ -148,6 +149,9 @@ class DataConfig:
     system_prompt: Optional[str] = _f(None, "System prompt added to every row that has none.")
     chat_template: bool = _f(True, "Wrap string rows in the tokenizer's chat template as one user turn "
                              "(--no-chat-template uses them raw; conversational rows always use it).")
+    assistant_header: str = _f("prompt", "Under a chat template, whose are the assistant header tokens: prompt "
+                               "(TRL's convention) or response (the official POET/SimPO code's: they then count "
+                               "in POET's k, SimPO's average and the NLL terms).", ASSISTANT_HEADERS)
     max_length: int = _f(1024, "Longest prompt + response in tokens; responses are cut at the end to fit.")
     max_prompt_length: int = _f(512, "Longest prompt in tokens; longer prompts keep their last tokens.")
     max_valid_pairs: Optional[int] = _f(None, "Use at most this many validation pairs.")

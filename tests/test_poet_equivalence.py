@@ -298,3 +298,28 @@ def test_ratio_half_keeps_floor_half_k(base, pairs, full_logps):
             used = len(pairs[i].prompt) + ks[i]
             assert (b.tokens[j, used:] == PAD_ID).all() and (b.tokens[j + len(b.indices), used:] == PAD_ID).all()
 
+
+# ------------------------------------------------------------------ (f) whose are the assistant header tokens
+
+
+def test_assistant_header_as_response_counts_in_k(tiny_model_dir, tiny_data_dir, base):
+    """TRL's boundary (default) puts the chat template's assistant header (`<|assistant|>\\n` here) in the prompt;
+    the official POET/SimPO code renders the prompt without the generation prompt, so the header starts the
+    response: every response gains the header's tokens, k grows by as many, the prompt loses them, the full
+    sequences are the same ids."""
+    from poet_mlx.data.sources import load_split
+    from poet_mlx.data.tokenization import tokenize_pairs
+
+    tokenizer = base[1]
+    header = tokenizer.encode("<|assistant|>\n", add_special_tokens=False)
+    rows, _ = load_split(run_config(tiny_model_dir, tiny_data_dir / "valid.jsonl", "unused").data, "train")
+    trl, _ = tokenize_pairs(rows, tokenizer, 10**6, 10**6 - 1)
+    official, _ = tokenize_pairs(rows, tokenizer, 10**6, 10**6 - 1, assistant_header="response")
+    assert len(header) >= 1 and len(trl) == len(official)
+    for a, b in zip(trl, official):
+        for side in ("chosen", "rejected"):
+            np.testing.assert_array_equal(np.concatenate([a.prompt, getattr(a, side)]),
+                                          np.concatenate([b.prompt, getattr(b, side)]))
+            np.testing.assert_array_equal(getattr(b, side)[: len(header)], header)
+        assert len(b.prompt) == len(a.prompt) - len(header)
+        assert ref.poet_k(len(b.chosen), len(b.rejected)) == ref.poet_k(len(a.chosen), len(a.rejected)) + len(header)

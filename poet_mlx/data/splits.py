@@ -52,7 +52,8 @@ def tokenize_split(cfg: RunConfig, rows: list, load_report, tokenizer, split: st
         rows = rows[: d.max_valid_pairs]
     name = f"tokenizing {split}"
     pairs, tok = tokenize_pairs(rows, tokenizer, d.max_length, d.max_prompt_length, d.chat_template,
-                                progress=lambda done, total: reporter.phase(name, done, total))
+                                progress=lambda done, total: reporter.phase(name, done, total),
+                                assistant_header=d.assistant_header)
     if not pairs:
         reasons = "; ".join(f"{n} {why}" for why, n in tok.dropped.items())
         raise PoetError(f"all {len(rows)} {split} pairs were dropped by the length limits ({reasons}); raise "

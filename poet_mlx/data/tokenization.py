@@ -7,6 +7,15 @@ Convention (TRL >= 0.29, POET.md):
 - With `chat_template` off (or no template), string rows are used raw: prompt_ids = tokenizer(prompt) (a
   BOS only if the tokenizer adds one), full = tokenizer(prompt + response + eos_text) unless the response
   already ends with the EOS text.
+- Whose are the assistant header tokens (`<|im_start|>assistant\n`, `<|start_header_id|>assistant...`):
+  `assistant_header="prompt"` (TRL's convention, the default) renders the prompt with the generation prompt,
+  so the header belongs to the prompt. `"response"` follows the official POET/SimPO code, which renders the
+  prompt without the generation prompt and the assistant message on its own: the header tokens are then
+  response tokens, scored by every loss and counted in POET's k, SimPO's average and `--poet-ratio`. poet-mlx
+  takes the response as the rest of the rendered conversation, which equals the official rendering where a
+  message renders the same alone as in context (Llama 3, Mistral, Gemma 2 templates); the official code would
+  also put the default system block of a template like Qwen 2.5's into the response, and inserts an empty
+  system message where a template mentions one: neither is copied.
 - The response is the full ids minus their common prefix with the prompt ids, so a token merged across the
   boundary belongs to the response. Chosen and rejected share the prompt: the prompt boundary is the shorter of
   their two common prefixes. A response with no EOS token gets the tokenizer's EOS appended.
@@ -79,13 +88,13 @@ def _messages(row) -> tuple[list, list, list]:
     return prompt, [{"role": "assistant", "content": row.chosen}], [{"role": "assistant", "content": row.rejected}]
 
 
-def _texts(row, tokenizer, templated: bool) -> tuple[str, str, str, bool]:
+def _texts(row, tokenizer, templated: bool, assistant_header: str = "prompt") -> tuple[str, str, str, bool]:
     """(prompt_text, chosen_full_text, rejected_full_text, add_special_tokens)."""
     if templated:
         prompt, chosen, rejected = _messages(row)
         render = tokenizer.apply_chat_template
         return (
-            render(prompt, tokenize=False, add_generation_prompt=True),
+            render(prompt, tokenize=False, add_generation_prompt=assistant_header == "prompt"),
             render(prompt + chosen, tokenize=False),
             render(prompt + rejected, tokenize=False),
             False,  # the template writes its own BOS
@@ -136,12 +145,14 @@ def tokenize_pairs(
     chat_template: bool = True,
     progress: Callable[[int, int], None] | None = None,
     chunk: int = 512,
+    assistant_header: str = "prompt",
 ) -> tuple[list[TokenizedPair], TokenizeReport]:
     """Tokenize preference rows (see the module docstring for the convention).
 
     Args:
         rows: `poet_mlx.data.sources.PreferenceRow`s (standard or conversational).
         tokenizer: an mlx-lm TokenizerWrapper (or a Hugging Face tokenizer).
+        assistant_header: "prompt" (TRL) or "response" (the official POET code), under a chat template.
         progress: called as progress(done, total) after each chunk.
 
     Returns:
@@ -154,7 +165,7 @@ def tokenize_pairs(
     pairs = []
     for start in range(0, len(rows), chunk):
         batch = rows[start : start + chunk]
-        texts = [_texts(r, tokenizer, templated) for r in batch]
+        texts = [_texts(r, tokenizer, templated, assistant_header) for r in batch]
         add_special = texts[0][3] if texts else True
         flat = _encode_all(tokenizer, [t for tt in texts for t in tt[:3]], add_special)
         for j, row in enumerate(batch):
