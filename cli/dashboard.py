@@ -223,12 +223,13 @@ class DashboardReporter(Reporter):
         rows = [("model", f"{i.get('model')}  [{i.get('model_type', '?')}, quantization {i.get('quantization')}]"),
                 ("parameters", f"{fmt(i.get('trainable_params'))} trainable of {fmt(i.get('total_params'))}"),
                 ("loss", loss), ("POET", poet),
-                ("adapters", f"{i.get('fine_tune_type')} rank {i.get('rank')}, layers "
-                             f"{'all' if i.get('num_layers') == -1 else i.get('num_layers')}, targets {keys}"),
+                ("adapters", f"{i.get('fine_tune_type')} rank {i.get('rank')}, last {i.get('num_layers')} layers, "
+                             f"targets {keys}"),
                 ("data", f"{i.get('train_pairs')} train / {i.get('valid_pairs')} valid pairs "
                          f"({i.get('data_format')})" + (f", {i['rows_skipped']} rows skipped"
                                                         if i.get("rows_skipped") else "")),
                 ("lengths", str(i.get("length_report", "")))]
+        rows += [("note", str(n)) for n in i.get("notes") or []]
         for k, v in rows:
             grid.add_row(k, Text(v))
         return grid

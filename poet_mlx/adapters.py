@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 from .errors import PoetError
 from .fsutil import save_safetensors_atomic, write_json_atomic
@@ -29,8 +30,9 @@ def lora_parameters(rank: int, scale: float, dropout: float, keys) -> dict:
     return params
 
 
-def attach_trainable(model, fine_tune_type: str, num_layers: int, lora_params: dict) -> int:
-    """Freeze the model, then make the adapted part trainable. Returns the number of adapted layers.
+def attach_trainable(model, fine_tune_type: str, num_layers: Optional[int], lora_params: dict) -> int:
+    """Freeze the model, then make the adapted part trainable (the last `num_layers`; None or -1: all). Returns
+    the number of adapted layers.
 
     LoRA/DoRA layers come from mlx-lm (`linear_to_lora_layers`); their init draws from mx.random, so seed it
     first for a reproducible run.
@@ -38,6 +40,7 @@ def attach_trainable(model, fine_tune_type: str, num_layers: int, lora_params: d
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     total = len(model.layers)
+    num_layers = -1 if num_layers is None else num_layers
     if num_layers > total:
         raise PoetError(f"num_layers is {num_layers} but the model has only {total} layers; "
                         f"pass --num-layers {total} (or -1 for all)")

@@ -54,7 +54,8 @@ class ModelConfig:
 class LoRAConfig:
     fine_tune_type: str = _f("lora", "What to train: LoRA or DoRA adapters, or the full weights of the "
                              "last --num-layers layers.", FINE_TUNE_TYPES)
-    num_layers: int = _f(16, "Number of transformer layers (counted from the last) to adapt; -1 for all.")
+    num_layers: Optional[int] = _f(None, "Number of transformer layers (counted from the last) to adapt; -1 or "
+                                   "unset: all of them.")
     rank: int = _f(8, "LoRA rank r.")
     scale: float = _f(20.0, "LoRA scale (mlx-lm's; PEFT's lora_alpha = scale * rank).")
     dropout: float = _f(0.0, "Dropout on the LoRA input.")
@@ -153,9 +154,15 @@ class DataConfig:
                                "(TRL's convention) or response (the official POET/SimPO code's: they then count "
                                "in POET's k, SimPO's average and the NLL terms).", ASSISTANT_HEADERS)
     max_length: int = _f(1024, "Longest prompt + response in tokens; responses are cut at the end to fit.")
-    max_prompt_length: int = _f(512, "Longest prompt in tokens; longer prompts keep their last tokens.")
+    max_prompt_length: Optional[int] = _f(None, "Longest prompt in tokens; longer prompts keep their last tokens "
+                                          "(default: min(512, max_length // 2)).")
     max_valid_pairs: Optional[int] = _f(None, "Use at most this many validation pairs.")
     skip_invalid: bool = _f(False, "Drop malformed rows (counted in the report) instead of stopping.")
+
+    @property
+    def resolved_max_prompt_length(self) -> int:
+        """--max-prompt-length, or when unset min(512, max_length // 2): a default that fits any max_length."""
+        return self.max_prompt_length if self.max_prompt_length is not None else min(512, self.max_length // 2)
 
 
 @dataclass
@@ -337,9 +344,11 @@ def validate(cfg: RunConfig, need_data: bool = True) -> None:
         (lo.rank > 0, "rank", "must be > 0"),
         (lo.scale > 0, "scale", "must be > 0"),
         (0 <= lo.dropout < 1, "dropout", "must be in [0, 1)"),
-        (lo.num_layers == -1 or lo.num_layers > 0, "num_layers", "must be > 0, or -1 for all layers"),
+        (lo.num_layers is None or lo.num_layers == -1 or lo.num_layers > 0, "num_layers",
+         "must be > 0, or -1 for all layers"),
         (d.max_length > 1, "max_length", "must be > 1"),
-        (0 < d.max_prompt_length < d.max_length, "max_prompt_length", "must be > 0 and below max_length"),
+        (d.max_prompt_length is None or 0 < d.max_prompt_length < d.max_length, "max_prompt_length",
+         "must be > 0 and below max_length"),
         (d.max_valid_pairs is None or d.max_valid_pairs > 0, "max_valid_pairs", "must be > 0"),
         (t.batch_size > 0, "batch_size", "must be > 0"),
         (t.epochs > 0, "epochs", "must be > 0"),

@@ -118,7 +118,7 @@ def test_train_plain_from_example_yaml_with_flag_overrides(tiny_model_dir, tiny_
     assert kinds.index("run") < kinds.index("train") < kinds.index("done")
     header = next(r for k, r in records if k == "run")
     assert header["poet"] == "True" and header["loss"] == "dpo"  # from the YAML
-    assert header["rank"] == "4" and header["num_layers"] == "-1"  # flags override the YAML (rank 8)
+    assert header["rank"] == "4" and header["num_layers"] == "2"  # flags override the YAML (rank 8); -1: all 2
     train = [r for k, r in records if k == "train"]
     assert [int(r["step"]) for r in train] == [1, 2]
     assert all(float(r["loss"]) > 0 and float(r["grad_norm"]) > 0 for r in train)

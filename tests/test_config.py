@@ -282,7 +282,9 @@ def test_loss_defaults():
 
 def test_lora_defaults_are_mlx_lms():
     lora = LoRAConfig()
-    assert (lora.fine_tune_type, lora.rank, lora.scale, lora.dropout, lora.num_layers) == ("lora", 8, 20.0, 0.0, 16)
+    # mlx-lm's rank, scale, dropout and type; num_layers differs on purpose: unset means all layers (mlx-lm's
+    # 16 fails outright on a model with fewer layers).
+    assert (lora.fine_tune_type, lora.rank, lora.scale, lora.dropout, lora.num_layers) == ("lora", 8, 20.0, 0.0, None)
     # Read mlx-lm's own defaults from its source without importing it (importing mlx_lm.lora changes the
     # global yaml.SafeLoader).
     source = Path(importlib.util.find_spec("mlx_lm").submodule_search_locations[0]) / "lora.py"
@@ -290,14 +292,15 @@ def test_lora_defaults_are_mlx_lms():
     node = next(n for n in tree.body if isinstance(n, ast.Assign)
                 and any(getattr(t, "id", None) == "CONFIG_DEFAULTS" for t in n.targets))
     theirs = ast.literal_eval(node.value)
-    assert theirs["num_layers"] == lora.num_layers
+    assert theirs["num_layers"] == 16
     assert theirs["lora_parameters"] == {"rank": lora.rank, "dropout": lora.dropout, "scale": lora.scale}
     assert theirs["fine_tune_type"] == lora.fine_tune_type
 
 
 def test_other_defaults_validate_once_model_and_data_are_given():
     cfg = RunConfig()
-    assert cfg.data.max_length == 1024 and cfg.data.max_prompt_length == 512
+    assert cfg.data.max_length == 1024 and cfg.data.max_prompt_length is None
+    assert cfg.data.resolved_max_prompt_length == 512
     assert cfg.train.adapter_path == "adapters" and cfg.train.iters is None and cfg.train.learning_rate == 1e-5
     validate(RunConfig.from_flat(BASE))
 
@@ -340,3 +343,30 @@ def test_resume_rejects_bad_values_and_unknown_keys():
 def test_resume_accepts_another_spelling_of_the_run_folder():
     cfg = resume_config(saved_run(), {"resume": True, "adapter_path": "./runs/a", "iters": 200})
     assert cfg.train.iters == 200
+
+
+def test_unset_lengths_and_layers_never_trip_a_user(tiny_model_dir, tiny_data_dir, tmp_path):
+    """--max-length 256 alone works (the prompt limit follows it); an unset --num-layers adapts every layer of
+    a model with fewer than mlx-lm's 16 and says so; explicit values that cannot work stay errors."""
+    from poet_mlx.errors import PoetError
+    from poet_mlx.reporting import RecordingReporter
+    from poet_mlx.train.run import run_training
+
+    cfg = RunConfig.from_flat({"model": str(tiny_model_dir), "data": str(tiny_data_dir), "max_length": 256,
+                               "adapter_path": str(tmp_path / "run"), "iters": 1, "batch_size": 2,
+                               "steps_per_eval": 0, "save_every": 0})
+    validate(cfg)
+    assert cfg.data.resolved_max_prompt_length == 128
+    rec = RecordingReporter()
+    summary = run_training(cfg, rec)
+    header = summary["header"]
+    assert header["num_layers"] == 2
+    assert header["notes"] == ["adapting all 2 layers (--num-layers not set)",
+                               "max_prompt_length 128 = min(512, max_length // 2) (--max-prompt-length not set)"]
+    bad = RunConfig.from_flat({"model": "m", "data": "d", "max_length": 256, "max_prompt_length": 256})
+    with pytest.raises(PoetError, match="max_prompt_length"):
+        validate(bad)
+    too_many = RunConfig.from_flat({"model": str(tiny_model_dir), "data": str(tiny_data_dir), "num_layers": 16,
+                                    "adapter_path": str(tmp_path / "run2"), "iters": 1})
+    with pytest.raises(PoetError, match="num_layers is 16 but the model has only 2 layers"):
+        run_training(too_many)

@@ -104,7 +104,7 @@ def token_report(rows: list, tokenizer, cfg: RunConfig) -> dict:
     limits = TokenizeReport(pairs_in=len(full))
     kept = []
     for p in full:
-        cut = _cut(list(p.prompt), list(p.chosen), list(p.rejected), d.max_length, d.max_prompt_length, limits)
+        cut = _cut(list(p.prompt), list(p.chosen), list(p.rejected), d.max_length, d.resolved_max_prompt_length, limits)
         if cut is not None:
             kept.append(cut)
     limits.pairs_out = len(kept)
@@ -121,7 +121,7 @@ def token_report(rows: list, tokenizer, cfg: RunConfig) -> dict:
                    "chosen": _stats([len(p.chosen) for p in full]),
                    "rejected": _stats([len(p.rejected) for p in full]),
                    "pair": _stats([len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in full])},
-        "limits": {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
+        "limits": {"max_length": d.max_length, "max_prompt_length": d.resolved_max_prompt_length,
                    "prompts_cut": limits.prompts_cut, "pairs_with_responses_cut": limits.responses_cut,
                    "pairs_dropped": dict(limits.dropped), "pairs_kept": len(kept)},
         "poet": {"poet_ratio": ls.poet_ratio, "pairs_cut": poet_cut,
@@ -171,7 +171,7 @@ def check_data(cfg: RunConfig, tokenizer=None) -> dict:
                 if not info["limits"]["pairs_kept"]:
                     report["errors"].append(
                         f"{split}: the length limits drop every pair; raise --max-length (now {d.max_length}) "
-                        f"or --max-prompt-length (now {d.max_prompt_length})")
+                        f"or --max-prompt-length (now {d.resolved_max_prompt_length})")
         report["splits"][split] = info
     if "train" not in report["splits"]:
         report["errors"].append(f"no train split in {d.data}")

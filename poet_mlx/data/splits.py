@@ -51,13 +51,13 @@ def tokenize_split(cfg: RunConfig, rows: list, load_report, tokenizer, split: st
     if split == "valid" and d.max_valid_pairs:
         rows = rows[: d.max_valid_pairs]
     name = f"tokenizing {split}"
-    pairs, tok = tokenize_pairs(rows, tokenizer, d.max_length, d.max_prompt_length, d.chat_template,
+    pairs, tok = tokenize_pairs(rows, tokenizer, d.max_length, d.resolved_max_prompt_length, d.chat_template,
                                 progress=lambda done, total: reporter.phase(name, done, total),
                                 assistant_header=d.assistant_header)
     if not pairs:
         reasons = "; ".join(f"{n} {why}" for why, n in tok.dropped.items())
         raise PoetError(f"all {len(rows)} {split} pairs were dropped by the length limits ({reasons}); raise "
-                        f"--max-length (now {d.max_length}) or --max-prompt-length (now {d.max_prompt_length})")
+                        f"--max-length (now {d.max_length}) or --max-prompt-length (now {d.resolved_max_prompt_length})")
     return SplitData(pairs, load_report.rows_read, load_report.rows_skipped, load_report.format, tok,
                      list(load_report.notes) + list(load_report.problems))
 

@@ -120,7 +120,7 @@ def sft_start(folder: str | Path, model_dir: Path, data_dir: Path, spec: DemoSpe
     cfg = eval_config(model_dir, data_dir, spec)
     model, tokenizer, _ = load_model(str(model_dir))
     rows, _ = load_split(cfg.data, "train")
-    pairs, _ = tokenize_pairs(rows, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
+    pairs, _ = tokenize_pairs(rows, tokenizer, cfg.data.max_length, cfg.data.resolved_max_prompt_length)
     mx.random.seed(spec.seed)
     losses = train_sft(model, sft_examples(pairs, "both"), spec.sft_steps, spec.sft_batch_size,
                        spec.sft_learning_rate, spec.seed, pad_id(tokenizer), progress)

@@ -51,7 +51,7 @@ def run_training(cfg: RunConfig, reporter: Reporter | None = None,
     if cfg.loss.needs_reference:
         fill_reference(sets, cfg, model, path, tokenizer, reporter, world)
     header = _header(cfg, model_facts(model, path), train, valid, poet_stats(sets.values()))
-    header["ranks"] = world.size
+    header.update({"ranks": world.size, "num_layers": n_layers, "notes": default_notes(cfg, n_layers)})
     created = not run.exists()
     if world.is_main:
         for note in prepare_run_folder(run, t.resume, t.overwrite):
@@ -72,6 +72,17 @@ def run_training(cfg: RunConfig, reporter: Reporter | None = None,
                     "warnings": early_warnings + summary["warnings"]})
     reporter.done(summary)
     return summary
+
+
+def default_notes(cfg: RunConfig, n_layers: int) -> list[str]:
+    """What the run chose for the user where a setting was left unset (shown with the run's facts)."""
+    notes = []
+    if cfg.lora.num_layers is None:
+        notes.append(f"adapting all {n_layers} layers (--num-layers not set)")
+    if cfg.data.max_prompt_length is None:
+        notes.append(f"max_prompt_length {cfg.data.resolved_max_prompt_length} = min(512, max_length // 2) "
+                     "(--max-prompt-length not set)")
+    return notes
 
 
 def _load(cfg: RunConfig, reporter: Reporter, world) -> tuple:
