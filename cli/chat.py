@@ -13,6 +13,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-path", help="A run folder: talk to the model with its adapters.")
     p.add_argument("--system", help="System prompt.")
     p.add_argument("--trust-remote-code", action="store_true", help="Allow tokenizers that run repository code.")
+    p.add_argument("--chat-template-config", metavar="JSON", help="Extra arguments of the chat template, as mlx-lm "
+                   'takes them, e.g. \'{"enable_thinking": false}\' for Qwen3-style templates.')
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
@@ -23,6 +25,12 @@ def add_sampling_flags(p: argparse.ArgumentParser, temperature: float, max_token
     g.add_argument("--max-tokens", type=int, default=max_tokens,
                    help=f"Most tokens per reply (default: {max_tokens}).")
     g.add_argument("--seed", type=int, help="Random seed, for replies that repeat across runs.")
+
+
+def template_kwargs(args) -> dict:
+    from poet_mlx.config import parse_template_config
+
+    return parse_template_config(args.chat_template_config, "--chat-template-config")
 
 
 def sampling_from(args):
@@ -63,13 +71,14 @@ def _chat(args, read_line, console) -> int:
         raise PoetError("--compare shows the base and the aligned model side by side: pass --adapter-path RUN")
     console = console or Console(highlight=False)
     with console.status("loading model"):
-        loaded = load_for_chat(args.model, args.adapter_path, args.trust_remote_code)
+        loaded = load_for_chat(args.model, args.adapter_path, args.trust_remote_code, template_kwargs(args))
     if args.compare and loaded.fine_tune_type == "full":
         raise PoetError(f"{args.adapter_path} is a full fine-tuning run: there are no adapters to switch off for "
                         "--compare. Chat with the base model alone with --model")
     info = {"model": loaded.model_ref, "adapter_path": loaded.adapter_path}
     session = ChatSession(loaded.model, loaded.tokenizer, has_adapters=loaded.adapter_path is not None,
-                          compare=args.compare, system=args.system, sampling=sampling, info=info)
+                          compare=args.compare, system=args.system, sampling=sampling, info=info,
+                          template_kwargs=template_kwargs(args))
     _header(console, loaded, session)
     read_line = read_line or _terminal_reader(console)
     live = console.is_terminal and not args.plain

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from poet_mlx.cli.chat import add_model_flags, add_sampling_flags, sampling_from
+from poet_mlx.cli.chat import add_model_flags, add_sampling_flags, sampling_from, template_kwargs
 from poet_mlx.cli.common import add_output_flags, run_guarded
 
 
@@ -36,11 +36,12 @@ def _generate(args) -> int:
 
     sampling = sampling_from(args)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
-    loaded = load_for_chat(args.model, args.adapter_path, args.trust_remote_code)
+    loaded = load_for_chat(args.model, args.adapter_path, args.trust_remote_code, template_kwargs(args))
     for note in loaded.notes:
         print(f"note: {note}", file=sys.stderr)
     lines = []
-    for record in generate_replies(loaded.model, loaded.tokenizer, prompts, sampling, args.system):
+    for record in generate_replies(loaded.model, loaded.tokenizer, prompts, sampling, args.system,
+                                   template_kwargs=template_kwargs(args)):
         line = json.dumps(record, ensure_ascii=False)
         if args.output:
             lines.append(line + "\n")

@@ -6,7 +6,7 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from poet_mlx.cli.chat import add_model_flags
+from poet_mlx.cli.chat import add_model_flags, template_kwargs
 from poet_mlx.cli.common import add_output_flags, graceful_stop, run_guarded
 from poet_mlx.cli.ui import make_reporter
 
@@ -50,18 +50,19 @@ def _pairs(args) -> int:
     from poet_mlx.generate.pairs import PairsOptions, build_pairs, read_prompt_rows
 
     opts = PairsOptions(args.samples, args.max_tokens, args.temperature, args.top_p, args.seed, args.min_margin,
-                        args.batch_size, args.system)
+                        args.batch_size, args.system, args.chat_template_config)
     opts.check()
     rows = read_prompt_rows(args.prompts)
     judge = load_judge(args.judge)
     settings = {"model": args.model, "adapter_path": args.adapter_path, "judge": args.judge,
                 "prompts": str(args.prompts), "prompts_sha256": _sha256(args.prompts), "samples": opts.samples,
                 "max_tokens": opts.max_tokens, "temperature": opts.temperature, "top_p": opts.top_p,
-                "seed": opts.seed, "min_margin": opts.min_margin, "system": opts.system}
+                "seed": opts.seed, "min_margin": opts.min_margin, "system": opts.system,
+                "chat_template_config": opts.chat_template_config}
     with graceful_stop() as stop:
         with make_reporter(args.plain, args.quiet, title="poet-mlx pairs", stop=stop) as reporter:
             reporter.phase("loading model", 0, None)
-            loaded = load_for_chat(args.model, args.adapter_path, args.trust_remote_code)
+            loaded = load_for_chat(args.model, args.adapter_path, args.trust_remote_code, template_kwargs(args))
             reporter.phase("loading model", 1, 1)
             settings["model"] = loaded.model_ref
             summary = build_pairs(loaded.model, loaded.tokenizer, rows, judge, opts, args.out, settings, reporter,

@@ -153,11 +153,18 @@ class DataConfig:
     assistant_header: str = _f("prompt", "Under a chat template, whose are the assistant header tokens: prompt "
                                "(TRL's convention) or response (the official POET/SimPO code's: they then count "
                                "in POET's k, SimPO's average and the NLL terms).", ASSISTANT_HEADERS)
+    chat_template_config: Optional[str] = _f(None, "Extra arguments of the chat template as a JSON object, as "
+                                             'mlx-lm takes them, e.g. \'{"enable_thinking": false}\' for Qwen3.')
     max_length: int = _f(1024, "Longest prompt + response in tokens; responses are cut at the end to fit.")
     max_prompt_length: Optional[int] = _f(None, "Longest prompt in tokens; longer prompts keep their last tokens "
                                           "(default: min(512, max_length // 2)).")
     max_valid_pairs: Optional[int] = _f(None, "Use at most this many validation pairs.")
     skip_invalid: bool = _f(False, "Drop malformed rows (counted in the report) instead of stopping.")
+
+    @property
+    def template_kwargs(self) -> dict:
+        """--chat-template-config as keyword arguments of `apply_chat_template` ({} when unset)."""
+        return parse_template_config(self.chat_template_config)
 
     @property
     def resolved_max_prompt_length(self) -> int:
@@ -220,6 +227,21 @@ class RunConfig:
                 raise PoetError(f"{source}: unknown key '{key}'{_suggest(key, owners)}")
             group = owners[key]
             setattr(getattr(self, group), key, coerce(group, key, value, source))
+
+
+def parse_template_config(text: Optional[str], flag: str = "chat_template_config") -> dict:
+    """A chat-template JSON object as a dict; PoetError saying what is wrong otherwise."""
+    import json
+
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise PoetError(f"'{flag}' is not valid JSON ({exc}); give an object such as '{{\"enable_thinking\": false}}'") from None
+    if not isinstance(value, dict):
+        raise PoetError(f"'{flag}' must be a JSON object of template arguments, got {text!r}")
+    return value
 
 
 def key_owners() -> dict[str, str]:
@@ -330,6 +352,7 @@ def load_yaml(path: str | Path) -> dict:
 def validate(cfg: RunConfig, need_data: bool = True) -> None:
     """Reject out-of-range values with a hint, before any model or data loads."""
     m, lo, ls, d, t = cfg.model, cfg.lora, cfg.loss, cfg.data, cfg.train
+    parse_template_config(d.chat_template_config)  # a PoetError naming the key when it is not a JSON object
     checks = [
         (bool(m.model), "model", "is required: pass --model PATH_OR_HUB_ID"),
         (not need_data or bool(d.data), "data", "is required: pass --data FILE_OR_FOLDER_OR_HUB_ID"),

@@ -100,7 +100,8 @@ def token_report(rows: list, tokenizer, cfg: RunConfig) -> dict:
     from .tokenization import TokenizeReport, _cut, tokenize_pairs, uses_chat_template
 
     d, ls = cfg.data, cfg.loss
-    full, _ = tokenize_pairs(rows, tokenizer, NO_LIMIT, NO_LIMIT - 1, d.chat_template)
+    full, _ = tokenize_pairs(rows, tokenizer, NO_LIMIT, NO_LIMIT - 1, d.chat_template,
+                             assistant_header=d.assistant_header, template_kwargs=d.template_kwargs)
     limits = TokenizeReport(pairs_in=len(full))
     kept = []
     for p in full:

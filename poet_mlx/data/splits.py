@@ -53,11 +53,17 @@ def tokenize_split(cfg: RunConfig, rows: list, load_report, tokenizer, split: st
     name = f"tokenizing {split}"
     pairs, tok = tokenize_pairs(rows, tokenizer, d.max_length, d.resolved_max_prompt_length, d.chat_template,
                                 progress=lambda done, total: reporter.phase(name, done, total),
-                                assistant_header=d.assistant_header)
+                                assistant_header=d.assistant_header, template_kwargs=d.template_kwargs)
     if not pairs:
         reasons = "; ".join(f"{n} {why}" for why, n in tok.dropped.items())
         raise PoetError(f"all {len(rows)} {split} pairs were dropped by the length limits ({reasons}); raise "
                         f"--max-length (now {d.max_length}) or --max-prompt-length (now {d.resolved_max_prompt_length})")
+    if split == "train" and d.chat_template:
+        from .tokenization import turn_end_warning
+
+        warning = turn_end_warning(tokenizer, d.template_kwargs)
+        if warning:
+            reporter.warning(warning)
     return SplitData(pairs, load_report.rows_read, load_report.rows_skipped, load_report.format, tok,
                      list(load_report.notes) + list(load_report.problems))
 

@@ -88,15 +88,20 @@ def _messages(row) -> tuple[list, list, list]:
     return prompt, [{"role": "assistant", "content": row.chosen}], [{"role": "assistant", "content": row.rejected}]
 
 
-def _texts(row, tokenizer, templated: bool, assistant_header: str = "prompt") -> tuple[str, str, str, bool]:
+def _texts(row, tokenizer, templated: bool, assistant_header: str = "prompt",
+           template_kwargs: Optional[dict] = None) -> tuple[str, str, str, bool]:
     """(prompt_text, chosen_full_text, rejected_full_text, add_special_tokens)."""
     if templated:
         prompt, chosen, rejected = _messages(row)
-        render = tokenizer.apply_chat_template
+        kw = template_kwargs or {}
+
+        def render(messages, **extra):
+            return tokenizer.apply_chat_template(messages, tokenize=False, **extra, **kw)
+
         return (
-            render(prompt, tokenize=False, add_generation_prompt=assistant_header == "prompt"),
-            render(prompt + chosen, tokenize=False),
-            render(prompt + rejected, tokenize=False),
+            render(prompt, add_generation_prompt=assistant_header == "prompt"),
+            render(prompt + chosen),
+            render(prompt + rejected),
             False,  # the template writes its own BOS
         )
     if row.conversational:
@@ -146,6 +151,7 @@ def tokenize_pairs(
     progress: Callable[[int, int], None] | None = None,
     chunk: int = 512,
     assistant_header: str = "prompt",
+    template_kwargs: Optional[dict] = None,
 ) -> tuple[list[TokenizedPair], TokenizeReport]:
     """Tokenize preference rows (see the module docstring for the convention).
 
@@ -153,6 +159,7 @@ def tokenize_pairs(
         rows: `poet_mlx.data.sources.PreferenceRow`s (standard or conversational).
         tokenizer: an mlx-lm TokenizerWrapper (or a Hugging Face tokenizer).
         assistant_header: "prompt" (TRL) or "response" (the official POET code), under a chat template.
+        template_kwargs: extra arguments of the chat template (e.g. {"enable_thinking": False}).
         progress: called as progress(done, total) after each chunk.
 
     Returns:
@@ -165,7 +172,7 @@ def tokenize_pairs(
     pairs = []
     for start in range(0, len(rows), chunk):
         batch = rows[start : start + chunk]
-        texts = [_texts(r, tokenizer, templated, assistant_header) for r in batch]
+        texts = [_texts(r, tokenizer, templated, assistant_header, template_kwargs) for r in batch]
         add_special = texts[0][3] if texts else True
         flat = _encode_all(tokenizer, [t for tt in texts for t in tt[:3]], add_special)
         for j, row in enumerate(batch):
@@ -184,6 +191,32 @@ def tokenize_pairs(
             progress(min(start + chunk, len(rows)), len(rows))
     report.pairs_out = len(pairs)
     return pairs, report
+
+
+def turn_end_warning(tokenizer, template_kwargs: Optional[dict] = None) -> Optional[str]:
+    """A warning when the chat template ends an assistant turn with no token that stops generation.
+
+    Trained replies then end with that turn-end token, but sampling (here and in mlx-lm) stops only at the
+    tokenizer's EOS ids, so replies would run on past it. None when there is no template or all is well.
+    """
+    if not getattr(tokenizer, "has_chat_template", False):
+        return None
+    kw = template_kwargs or {}
+    user = [{"role": "user", "content": "Hi"}]
+    try:
+        prompt = list(tokenizer.apply_chat_template(user, add_generation_prompt=True, **kw))
+        full = list(tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "Fine."}], **kw))
+    except Exception:  # a template that cannot render this probe: nothing to say
+        return None
+    reply = full[common_prefix_len(prompt, full):]
+    stops = set(getattr(tokenizer, "eos_token_ids", None) or [tokenizer.eos_token_id])
+    if not reply or stops.intersection(reply):
+        return None
+    content = list(tokenizer.encode("Fine.", add_special_tokens=False))
+    tail = reply[len(content):] if reply[:len(content)] == content else reply[-2:]
+    return (f"the chat template ends an assistant turn with {tokenizer.decode(tail)!r} (ids {tail}), which is not "
+            f"a stop token of generation (eos ids {sorted(stops)}): replies would run on past it. Add its id to "
+            "eos_token_id in the model's generation_config.json")
 
 
 def pad_id(tokenizer) -> int:

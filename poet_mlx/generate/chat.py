@@ -76,14 +76,15 @@ class CommandResult:
     help: bool = False
 
 
-def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` plus the assistant's generation prompt, through the model's chat template.
+def encode_messages(tokenizer, messages: list[dict], template_kwargs: Optional[dict] = None) -> list[int]:
+    """Token ids of `messages` plus the assistant's generation prompt, through the model's chat template
+    (with `template_kwargs`, e.g. {"enable_thinking": False}, as mlx-lm's --chat-template-config).
 
     A tokenizer without a template gets a plain "role: content" transcript (base models have none).
     """
     clean = [{"role": m["role"], "content": m["content"]} for m in messages]
     if getattr(tokenizer, "has_chat_template", False):
-        return list(tokenizer.apply_chat_template(clean, add_generation_prompt=True))
+        return list(tokenizer.apply_chat_template(clean, add_generation_prompt=True, **(template_kwargs or {})))
     text = "".join(f"{m['role']}: {m['content']}\n" for m in clean) + "assistant:"
     return list(tokenizer.encode(text))
 
@@ -133,7 +134,8 @@ class ReplyStream:
     def _run(self):
         s, reply = self._session, self.reply
         try:
-            ids = encode_messages(s.tokenizer, s.messages(reply.variant) + [{"role": "user", "content": self._user}])
+            ids = encode_messages(s.tokenizer, s.messages(reply.variant) + [{"role": "user", "content": self._user}],
+                                  s.template_kwargs)
             if s.sampling.seed is not None:
                 import mlx.core as mx
 
@@ -199,11 +201,13 @@ class ChatSession:
     """A multi-turn chat with one model; with `compare`, the base (adapters off) and the aligned model."""
 
     def __init__(self, model, tokenizer, *, has_adapters: bool, compare: bool = False,
-                 system: Optional[str] = None, sampling: Sampling = Sampling(), info: Optional[dict] = None):
+                 system: Optional[str] = None, sampling: Sampling = Sampling(), info: Optional[dict] = None,
+                 template_kwargs: Optional[dict] = None):
         if compare and not has_adapters:
             raise PoetError("--compare needs LoRA/DoRA adapters to switch off: pass --adapter-path RUN")
         sampling.check()
         self.model, self.tokenizer = model, tokenizer
+        self.template_kwargs = dict(template_kwargs or {})
         self.has_adapters, self.compare = has_adapters, compare
         self.system = system or None
         self.sampling = sampling
@@ -289,8 +293,10 @@ class LoadedChat:
     notes: list = field(default_factory=list)
 
 
-def load_for_chat(model: Optional[str], adapter_path: Optional[str], trust_remote_code: bool = False) -> LoadedChat:
-    """Load `model` (default: the run's base model) and apply the run's adapters."""
+def load_for_chat(model: Optional[str], adapter_path: Optional[str], trust_remote_code: bool = False,
+                  template_kwargs: Optional[dict] = None) -> LoadedChat:
+    """Load `model` (default: the run's base model) and apply the run's adapters; `notes` say what the user
+    should know (no chat template; a turn-end token generation does not stop at)."""
     from ..adapters import load_adapters
     from ..export.model_card import read_run
     from ..models import load_model
@@ -304,8 +310,11 @@ def load_for_chat(model: Optional[str], adapter_path: Optional[str], trust_remot
     if run:
         load_adapters(loaded, run.path)
     loaded.eval()
+    from ..data.tokenization import turn_end_warning
+
     notes = [] if getattr(tokenizer, "has_chat_template", False) else [
         "the tokenizer has no chat template: turns are sent as plain 'role: content' lines"]
+    notes += [w for w in [turn_end_warning(tokenizer, template_kwargs)] if w]
     return LoadedChat(loaded, tokenizer, ref, str(run.path) if run else None,
                       run.fine_tune_type if run else None, notes)
 
@@ -344,7 +353,8 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def generate_replies(model, tokenizer, prompts: Iterable[str], sampling: Sampling,
-                     system: Optional[str] = None, batch_size: int = 16) -> Iterator[dict]:
+                     system: Optional[str] = None, batch_size: int = 16,
+                     template_kwargs: Optional[dict] = None) -> Iterator[dict]:
     """One record per prompt, in order: {"prompt", "reply", "tokens", "tokens_per_second", "finish_reason"}.
 
     Each prompt is one user turn (after the system prompt, if any) through the chat template. Replies are
@@ -362,7 +372,7 @@ def generate_replies(model, tokenizer, prompts: Iterable[str], sampling: Samplin
     for start in range(0, len(prompts), 4 * batch_size):
         chunk = prompts[start:start + 4 * batch_size]
         ids = [encode_messages(tokenizer, ([{"role": "system", "content": system}] if system else [])
-                               + [{"role": "user", "content": p}]) for p in chunk]
+                               + [{"role": "user", "content": p}], template_kwargs) for p in chunk]
         seeds = [sampling.seed if sampling.seed is not None else rng.getrandbits(31) for _ in chunk]
         tic = time.perf_counter()
         replies = sample(model, tokenizer, ids, seeds, sampling.max_tokens, sampling.temperature, sampling.top_p,

@@ -42,6 +42,8 @@ class PairsOptions:
     min_margin: float = 0.0
     batch_size: int = 16
     system: Optional[str] = None
+    chat_template_config: Optional[str] = None
+    """Extra chat-template arguments as a JSON object (mlx-lm's --chat-template-config)."""
 
     def check(self) -> None:
         problems = [(self.samples >= 2, "--samples must be >= 2 (a pair needs two replies)"),
@@ -230,9 +232,11 @@ def judged_samples(model, tokenizer, rows: list[dict], indices: list[int], judge
     """`opts.samples` judged replies (`analysis.generations.Sample`, with .score) per row of `indices`, grouped
     by row; reply k of row i is seeded opts.seed + i * opts.samples + k."""
     from ..analysis.generations import Sample, prompt_text
+    from ..config import parse_template_config
     from .sampling import sample
 
-    prompts = [_encode(tokenizer, prompt_messages(rows[i], opts.system)) for i in indices]
+    kw = parse_template_config(opts.chat_template_config, "--chat-template-config")
+    prompts = [_encode(tokenizer, prompt_messages(rows[i], opts.system), kw) for i in indices]
     flat = [(j, k) for j in range(len(indices)) for k in range(opts.samples)]
     seeds = [opts.seed + indices[j] * opts.samples + k for j, k in flat]
     replies = sample(model, tokenizer, [prompts[j] for j, _ in flat], seeds, opts.max_tokens, opts.temperature,
@@ -259,8 +263,10 @@ def sample_record(row: dict, sample) -> dict:
             "finished": sample.finished, "score": sample.score, **extra}
 
 
-def _encode(tokenizer, messages: list[dict]) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+def _encode(tokenizer, messages: list[dict], template_kwargs: Optional[dict] = None) -> list[int]:
+    from .chat import encode_messages
+
+    return encode_messages(tokenizer, messages, template_kwargs)
 
 
 def _pair_row(row: dict, index: int, samples: list, picked: tuple[int, int], settings: dict,
