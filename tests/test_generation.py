@@ -213,6 +213,31 @@ def test_implicit_judge_is_the_runs_dpo_reward(tiny_model_dir, trained_run):
     assert got[0] != pytest.approx(got[1])
 
 
+def test_implicit_judge_of_a_ref_model_run_scores_against_that_model(tiny_model_dir, tiny_sft_model_dir,
+                                                                      tiny_data_dir, tmp_path):
+    """A run trained with --ref-model R is judged as it was trained: policy minus R, not minus its base."""
+    import mlx.core as mx
+    from mlx_lm.utils import load
+
+    from poet_mlx.logprobs import per_token_logps
+    from poet_mlx.train.run import run_training
+
+    run = tmp_path / "refrun"
+    run_training(run_config(tiny_model_dir, tiny_data_dir, run, iters=2, ref_model=str(tiny_sft_model_dir)))
+    model, tok = load(str(tiny_model_dir), adapter_path=str(run))
+    ref, _ = load(str(tiny_sft_model_dir))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Describe the moon."}], add_generation_prompt=True)
+    reply = tok.encode("Sure, here is a note on the moon.", add_special_tokens=False)
+    got = load_judge(f"implicit:{run}").score(
+        [sample(reply_ids=reply, prompt_ids=np.asarray(prompt, np.int32), finished=True)], tok)
+    seq = mx.array(prompt + reply + [tok.eos_token_id])[None]
+
+    def logp(m):
+        return float(per_token_logps(m(seq[:, :-1]), seq[:, 1:])[0, len(prompt) - 1:].sum())
+
+    assert got[0] == pytest.approx(0.1 * (logp(model) - logp(ref)), rel=1e-4, abs=1e-5)
+
+
 def test_eval_cli_prefix_curve_entropy_generation_and_compare(tiny_model_dir, tiny_data_dir, trained_run, tmp_path,
                                                               capsys):
     from poet_mlx.cli.main import main as cli

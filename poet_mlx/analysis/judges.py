@@ -115,7 +115,8 @@ def _import(module_name: str, spec: str):
 
 class ImplicitJudge:
     """The implicit reward of a trained run, on the sampled token ids (the eval and the run must share a
-    tokenizer). The run's base model and adapters load on first use."""
+    tokenizer). The run's base model and adapters load on first use; the reference is the run's own: its
+    --ref-model when it was trained with one, else its base (adapters off)."""
 
     def __init__(self, run: str, batch_size: int = 8):
         from ..config import RunConfig
@@ -155,14 +156,24 @@ class ImplicitJudge:
         kind, beta = self.cfg.loss.reward, self.cfg.loss.resolved_beta
         policy, _ = score_sequences(self.model, sequences, self.batch_size)
         if kind == "log_ratio":
-            with adapters_disabled(self.model):
-                reference, _ = score_sequences(self.model, sequences, self.batch_size)
+            reference = self._reference_logps(sequences, adapters_disabled, score_sequences)
             sums = [float(p.sum() - r.sum()) for p, r in zip(policy, reference)]
         else:
             sums = [float(p.sum()) for p in policy]
         if kind == "mean_logps":
             sums = [s / len(r) for s, r in zip(sums, replies)]
         return [beta * s for s in sums]
+
+
+    def _reference_logps(self, sequences, adapters_disabled, score_sequences) -> list:
+        ref = self.cfg.model.ref_model
+        if not ref:
+            with adapters_disabled(self.model):
+                return score_sequences(self.model, sequences, self.batch_size)[0]
+        from ..models import load_model
+
+        model, _, _ = load_model(ref, trust_remote_code=self.cfg.model.trust_remote_code)
+        return score_sequences(model, sequences, self.batch_size)[0]
 
 
 def load_judge(spec: str):
