@@ -3,6 +3,7 @@
     python benchmarks/alignment.py                         # 2 seeds, DPO and SimPO, each +/- POET (hours on 2 cores)
     python benchmarks/alignment.py --seeds 0 --losses dpo  # one seed, DPO and DPO+POET
     python benchmarks/alignment.py --report benchmarks/out/alignment.json   # the tables again, no running
+    python benchmarks/alignment.py --report benchmarks/out/alignment-work  # the seeds finished so far
 
 For each seed, `poet_mlx.demo.real.run_real_demo` builds its own prompts (disjoint train and held-out base
 tasks), samples the base model's replies, makes on-policy pairs, trains every loss with and without POET from
@@ -39,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--losses", nargs="+", default=["dpo", "simpo"])
     p.add_argument("--train-prompts", type=int, default=192)
     p.add_argument("--heldout-prompts", type=int, default=160)
-    p.add_argument("--report", metavar="JSON", help="Only print the tables of an earlier run's JSON.")
+    p.add_argument("--report", metavar="JSON_OR_WORK",
+                   help="Only print the tables: of an earlier run's JSON, or of the finished seeds in a --work folder.")
     return p.parse_args(argv)
 
 
@@ -112,7 +114,17 @@ def summarize(results: list[dict], args, seconds: float) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report:
-        summary = json.loads(Path(args.report).read_text())
+        path = Path(args.report)
+        if path.is_dir():  # the seeds finished so far
+            results = [json.loads(f.read_text()) for f in sorted(path.glob("seed-*/demo_results.json"))]
+            results = [r for r in results if not r["interrupted"] and r["runs"]]
+            if not results:
+                raise SystemExit(f"no finished seed in {path}")
+            args.seeds = [r["spec"]["seed"] for r in results]
+            args.losses = list(results[0]["spec"]["losses"])
+            summary = summarize(results, args, sum(r["seconds"] for r in results))
+        else:
+            summary = json.loads(path.read_text())
         print(table(summary))
         return 0
     from poet_mlx.cli.ui import PlainReporter
