@@ -319,6 +319,18 @@ def load_for_chat(model: Optional[str], adapter_path: Optional[str], trust_remot
                       run.fine_tune_type if run else None, notes)
 
 
+def jsonl_rows(lines: list[str], path) -> Iterator[tuple[int, object, str]]:
+    """(line number, parsed value, line) of every non-blank JSON line; PoetError at the first invalid one."""
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line), line
+        except ValueError as exc:
+            raise PoetError(f"{path}:{i}: not valid JSON ({exc.msg}); each line must be an object like "
+                            '{"prompt": "..."}') from None
+
+
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a file (or "-" for stdin): JSONL objects with a "prompt" string when the name ends in
     .jsonl, otherwise one prompt per non-empty line."""
@@ -336,14 +348,7 @@ def read_prompts(path: str | Path) -> list[str]:
         prompts = [line for line in lines if line.strip()]
     else:
         prompts = []
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise PoetError(f"{path}:{i}: not valid JSON ({exc.msg}); each line must be an object like "
-                                '{"prompt": "..."}') from None
+        for i, row, line in jsonl_rows(lines, path):
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise PoetError(f'{path}:{i}: expected an object with a "prompt" string, got {line[:80]!r}')
             prompts.append(row["prompt"])

@@ -80,15 +80,10 @@ def read_prompt_rows(path: str | Path) -> list[dict]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise PoetError(f"prompts file not found: {path}")
+    from .chat import jsonl_rows
+
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise PoetError(f"{path}:{i}: not valid JSON ({exc.msg}); each line must be an object like "
-                            '{"prompt": "..."}') from None
+    for i, row, line in jsonl_rows(path.read_text(encoding="utf-8").splitlines(), path):
         prompt = row.get("prompt") if isinstance(row, dict) else None
         messages_ok = isinstance(prompt, list) and prompt and all(
             isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in prompt)
