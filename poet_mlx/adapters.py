@@ -61,6 +61,32 @@ def attach_trainable(model, fine_tune_type: str, num_layers: Optional[int], lora
     return n
 
 
+def load_initial_adapter(model, weights: dict, held_at_zero=()) -> None:
+    """Start the attached adapters from `weights` (mlx-lm names -> arrays, e.g. an imported PEFT adapter).
+
+    The adapter layers in `held_at_zero` (module paths the box of `attach_trainable` holds but the adapter
+    does not cover) get lora_b = 0, so they add exactly nothing, and are frozen: never trained, never saved.
+    Raises PoetError for a weight the attached layers do not have or whose shape differs.
+    """
+    import mlx.core as mx
+
+    params = trainable_weights(model)
+    for name, array in weights.items():
+        if name not in params:
+            raise PoetError(f"the initial adapter has '{name}', which the attached adapters lack; check the "
+                            "adapter's target modules against --keys / --num-layers")
+        if tuple(array.shape) != tuple(params[name].shape):
+            raise PoetError(f"the initial adapter's '{name}' is {tuple(array.shape)} but the attached layer "
+                            f"holds {tuple(params[name].shape)}")
+    model.load_weights(list(weights.items()), strict=False)
+    modules = dict(model.named_modules())
+    for path in held_at_zero:
+        layer = modules[path]
+        layer.lora_b = mx.zeros_like(layer.lora_b)
+        layer.freeze()
+    mx.eval(model.parameters())
+
+
 def enable_grad_checkpoint(model) -> None:
     """Recompute each transformer layer's activations in the backward pass (less memory, ~30% more time).
 

@@ -61,6 +61,9 @@ class LoRAConfig:
     dropout: float = _f(0.0, "Dropout on the LoRA input.")
     keys: Optional[list] = _f(None, "Target modules inside each layer, e.g. self_attn.q_proj self_attn.v_proj "
                               "(default: every linear layer, as mlx-lm does).")
+    init_adapter: Optional[str] = _f(None, "Start from this adapter (SFT first, then DPO): a Hugging Face PEFT "
+                                     "LoRA/DoRA folder or an mlx-lm adapter folder. It fixes rank, scale, keys "
+                                     "and layers; the reference is the policy at the start (base + adapter).")
 
 
 def normalize_loss(value: Any, key: str, source: str) -> str:

@@ -139,13 +139,15 @@ def test_peft_mapping_refuses_what_peft_cannot_hold():
                                "model.layers.0.mlp.switch_mlp.up_proj.lora_b": mx.zeros((4, 8, 2))},
         "embedding": {"model.layers.0.embed_tokens.lora_a": a, "model.layers.0.embed_tokens.lora_b": b},
         "numbered transformer layer": {"lm_head.lora_a": a, "lm_head.lora_b": b},
-        "differ between layers": {"model.layers.0.q_proj.lora_a": a, "model.layers.0.q_proj.lora_b": b,
-                                  "model.layers.1.v_proj.lora_a": a, "model.layers.1.v_proj.lora_b": b},
         "magnitude": {"model.layers.0.q_proj.lora_a": a, "model.layers.0.q_proj.lora_b": b},
     }
     for why, weights in cases.items():
         with pytest.raises(PoetError, match=why):
             peft_state_dict(weights, dora=why == "magnitude")
+    # Modules that differ between layers (an imported adapter's layout): a regex naming exactly those modules
+    _, layout = peft_state_dict({"model.layers.0.q_proj.lora_a": a, "model.layers.0.q_proj.lora_b": b,
+                                 "model.layers.1.v_proj.lora_a": a, "model.layers.1.v_proj.lora_b": b}, dora=False)
+    assert layout.pattern == r"model\.layers\.0\.q_proj|model\.layers\.1\.v_proj"
 
 
 def test_export_refuses_full_runs_and_never_writes_into_the_run(lora_run, tmp_path):

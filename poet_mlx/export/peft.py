@@ -43,6 +43,7 @@ class PeftLayout:
     layers: list
     rank: int
     dora: bool
+    pattern: Optional[str] = None  # a regex of the exact module paths when no names x layers product fits
 
 
 def peft_state_dict(adapters: dict, dora: bool) -> tuple[dict, PeftLayout]:
@@ -55,8 +56,10 @@ def peft_state_dict(adapters: dict, dora: bool) -> tuple[dict, PeftLayout]:
     Returns:
         ({"base_model.model.<path>.lora_A.weight": (r, in), "...lora_B.weight": (out, r),
           "...lora_magnitude_vector": (out,)}, PeftLayout).
+    Modules that are not the same leaf names in every adapted layer (an imported adapter's own layout) get a
+    `pattern`: PEFT's regex form of target_modules, matching exactly the adapted module paths.
     Raises PoetError for what PEFT's LoRA config cannot express: full fine-tuning weights, mixture-of-experts
-    (switch) layers, embedding LoRA, modules outside numbered layers, or a layout that differs between layers.
+    (switch) layers, embedding LoRA, or modules outside numbered layers.
     """
     modules: dict[str, dict] = {}
     for name, array in adapters.items():
@@ -81,16 +84,15 @@ def peft_state_dict(adapters: dict, dora: bool) -> tuple[dict, PeftLayout]:
             out[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = w["m"]
         ranks.add(w["lora_a"].shape[1])
         layouts.setdefault(int(found.group(1)), set()).add(path[found.end():])
-    first = next(iter(layouts.values()))
-    if any(v != first for v in layouts.values()):
-        raise PoetError("the adapted modules differ between layers; PEFT's target_modules + "
-                        "layers_to_transform cannot express that. Fuse instead: poet-mlx fuse --dequantize")
     if len(ranks) != 1:
         raise PoetError(f"the adapters have several ranks {sorted(ranks)}; expected one")
+    first = next(iter(layouts.values()))
     leaves = sorted({p.rpartition(".")[2] for p in first})
-    if len(leaves) != len(first):
-        raise PoetError(f"adapted modules {sorted(first)} share leaf names; PEFT's target_modules would match "
-                        "more modules than were trained")
+    if any(v != first for v in layouts.values()) or len(leaves) != len(first):
+        # names x layers would adapt modules that were not trained: name each module instead
+        pattern = "|".join(re.escape(p) for p in sorted(modules))
+        return out, PeftLayout(sorted({p.rpartition(".")[2] for p in modules}), sorted(layouts), ranks.pop(), dora,
+                               pattern)
     return out, PeftLayout(leaves, sorted(layouts), ranks.pop(), dora)
 
 
@@ -123,9 +125,10 @@ def peft_config(layout: PeftLayout, scale: float, dropout: float, base_model: st
         "lora_dropout": dropout,
         "use_rslora": False,
         "use_dora": layout.dora,
-        "target_modules": layout.target_modules,
-        "layers_to_transform": layout.layers,
-        "layers_pattern": "layers",
+        # PEFT full-matches a string target_modules against module paths, and then takes no layer filter
+        "target_modules": layout.pattern or layout.target_modules,
+        "layers_to_transform": None if layout.pattern else layout.layers,
+        "layers_pattern": None if layout.pattern else "layers",
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,

@@ -71,9 +71,14 @@ def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
     return h.hexdigest()
 
 
-def cache_key(model_path: str | Path, pairs: Sequence[TokenizedPair]) -> str:
-    """Model weights and config, software versions, and the exact token ids."""
+def cache_key(model_path: str | Path, pairs: Sequence[TokenizedPair], init_adapter: Optional[str] = None) -> str:
+    """Model weights and config, software versions, the exact token ids, and the adapter the policy starts
+    from (`--init-adapter`: then the reference is base + that adapter)."""
     parts = (model_fingerprint(model_path), software_versions(), pairs_digest(pairs))
+    if init_adapter:
+        from ..export.peft_import import adapter_fingerprint
+
+        parts += (f"init_adapter={adapter_fingerprint(init_adapter)}",)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
@@ -101,7 +106,7 @@ def save_cached(key: str, logps: TokenLogps) -> Path:
 
 
 def reference_token_logps(model, model_path, pairs, batch_size, pad_id=0, progress=None,
-                          use_cache: bool = True, world=None) -> tuple[TokenLogps, bool]:
+                          use_cache: bool = True, world=None, init_adapter=None) -> tuple[TokenLogps, bool]:
     """Cached `scoring.pair_token_logps` (log-probs only). Returns (logps, reused_from_cache).
 
     In a distributed run (`world`), the cache counts only when every rank has it; otherwise each rank scores
@@ -111,7 +116,7 @@ def reference_token_logps(model, model_path, pairs, batch_size, pad_id=0, progre
     from .distributed import World, all_sum, gather_ragged
 
     world = world or World()
-    key = cache_key(model_path, pairs)
+    key = cache_key(model_path, pairs, init_adapter)
     cached = load_cached(key) if use_cache else None
     cached = cached if cached is not None and len(cached) == len(pairs) else None
     if world.distributed:
@@ -155,7 +160,8 @@ def fill_reference(sets, cfg: RunConfig, policy, policy_path, tokenizer, reporte
         reporter.phase(label, 0, len(s))
         s.ref, reused = reference_token_logps(model, path, s.pairs, REFERENCE_BATCH, pad_id(tokenizer),
                                               progress=lambda d, t: d < t and reporter.phase(label, d, t),
-                                              world=world)
+                                              world=world, init_adapter=None if cfg.model.ref_model
+                                              else cfg.lora.init_adapter)
         reporter.phase(label, len(s), len(s), note="reused from cache" if reused else "computed")
     if model is not policy:
         del model

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .. import __version__
-from ..adapters import ADAPTER_CONFIG, adapter_config, attach_trainable, lora_parameters
+from ..adapters import ADAPTER_CONFIG, adapter_config, attach_trainable, load_initial_adapter, lora_parameters
 from ..batching import pair_set, poet_stats
 from ..config import RunConfig
 from ..data.splits import SplitData, read_split, tokenize_split
 from ..data.tokenization import pad_id
 from ..errors import PoetError
+from ..export.peft_import import init_notes, init_settings, read_adapter
 from ..fsutil import write_json_atomic
 from ..models import load_model, model_facts
 from ..reporting import Reporter
@@ -36,10 +37,15 @@ def run_training(cfg: RunConfig, reporter: Reporter | None = None,
     # Data parallel (mlx.launch): rank 0 alone draws, logs and writes the run folder.
     reporter = (reporter or Reporter()) if world.is_main else Reporter()
     check_batch_divides(t.batch_size, world)
+    init = read_adapter(cfg.lora.init_adapter) if cfg.lora.init_adapter else None  # fails before any loading
     model, tokenizer, path, train, valid = _load(cfg, reporter, world)
+    if init is not None:  # --init-adapter fixes the layout; the saved settings then say what it is
+        cfg, box = init_settings(cfg, init, model)
     lora = cfg.lora
     params = lora_parameters(lora.rank, lora.scale, lora.dropout, lora.keys)
     n_layers = attach_trainable(model, lora.fine_tune_type, lora.num_layers, params)
+    if init is not None:
+        load_initial_adapter(model, init.weights, box.held_at_zero)
     sets = {"train": pair_set(train.pairs, cfg.loss)}
     if valid is not None:
         sets["valid"] = pair_set(valid.pairs, cfg.loss)
@@ -51,7 +57,10 @@ def run_training(cfg: RunConfig, reporter: Reporter | None = None,
     if cfg.loss.needs_reference:
         fill_reference(sets, cfg, model, path, tokenizer, reporter, world)
     header = _header(cfg, model_facts(model, path), train, valid, poet_stats(sets.values()))
-    header.update({"ranks": world.size, "num_layers": n_layers, "notes": default_notes(cfg, n_layers)})
+    notes = default_notes(cfg, n_layers)
+    if init is not None:
+        notes += init_notes(init, box, cfg.loss.needs_reference and not cfg.model.ref_model)
+    header.update({"ranks": world.size, "num_layers": n_layers, "notes": notes})
     created = not run.exists()
     if world.is_main:
         for note in prepare_run_folder(run, t.resume, t.overwrite):
