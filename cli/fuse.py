@@ -20,7 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Fuse a run's LoRA/DoRA adapters into its base model and save a model folder that mlx_lm.load loads, "
         "with a model card (README.md) of the training. The run folder is never written to."))
     p.add_argument("--adapter-path", required=True, help="The run folder (adapters.safetensors + adapter_config.json).")
-    p.add_argument("--save-path", required=True, help="Folder to write the model into (must be new or empty).")
+    p.add_argument("--save-path", required=True, help="Folder to write the model into (must be new or empty); "
+                   "with --format gguf, the .gguf file to write.")
+    p.add_argument("--format", default="mlx", choices=["mlx", "gguf"], help="mlx (default): an mlx-lm model "
+                   "folder. gguf: the base GGUF with the adapters merged in (llama.cpp, Ollama, LM Studio).")
+    p.add_argument("--base-gguf", help="gguf: the GGUF to merge into (default: the run's model when it is a "
+                   ".gguf file).")
     p.add_argument("--model", help="Base model (default: the one the run was trained on).")
     p.add_argument("--dequantize", action="store_true", help="Write full-precision weights (a quantized base is "
                    "dequantized): Hugging Face safetensors that transformers loads.")
@@ -44,13 +49,35 @@ def push_if_asked(args, folder, say) -> None:
         say(f"pushed: {push_folder(folder, args.push_to_hub, private=args.private)}")
 
 
+def _fuse_gguf(args, say) -> int:
+    from poet_mlx.errors import PoetError
+    from poet_mlx.export.gguf_fuse import fuse_gguf
+
+    given = [f for f, v in (("--model", args.model), ("--dequantize", args.dequantize),
+                            ("--push-to-hub", args.push_to_hub)) if v]
+    if given:
+        raise PoetError(f"{given[0]} does not apply to --format gguf (it merges into --base-gguf, F16/F32)")
+    result = fuse_gguf(args.adapter_path, args.save_path, base_gguf=args.base_gguf, force=args.force)
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    say(f"merged the adapters into {result.merged} tensors of {result.base_gguf} (F16, F32 where the base was F32; "
+        f"every other tensor copied as it was): {result.path}")
+    say(f"  llama.cpp: llama-cli -m {result.path}")
+    return 0
+
+
 def _fuse(args) -> int:
+    from poet_mlx.errors import PoetError
     from poet_mlx.export.fuse import fuse_run
     from poet_mlx.export.hub import check_repo_id
 
+    say = (lambda *a: None) if args.quiet else print
+    if args.format == "gguf":
+        return _fuse_gguf(args, say)
+    if args.base_gguf:
+        raise PoetError("--base-gguf applies to --format gguf only")
     if args.push_to_hub:
         check_repo_id(args.push_to_hub)  # before minutes of work, not after
-    say = (lambda *a: None) if args.quiet else print
     result = fuse_run(args.adapter_path, args.save_path, model=args.model, dequantize=args.dequantize,
                       force=args.force, trust_remote_code=args.trust_remote_code)
     for w in result.warnings:

@@ -14,7 +14,7 @@ COMMANDS = {
     "data": ("poet_mlx.cli.data", "Preflight a preference dataset: `poet-mlx data check DATA`."),
     "report": ("poet_mlx.cli.report", "Charts of a run (terminal and HTML), runs compared."),
     "fuse": ("poet_mlx.cli.fuse", "Fuse adapters into a standalone model (optionally dequantized for HF)."),
-    "export": ("poet_mlx.cli.export", "Export adapters to Hugging Face PEFT format."),
+    "export": ("poet_mlx.cli.export", "Export adapters: Hugging Face PEFT, or a llama.cpp LoRA GGUF (Ollama)."),
     "import": ("poet_mlx.cli.import_", "Import a Hugging Face PEFT LoRA/DoRA adapter as an mlx-lm adapter folder."),
     "chat": ("poet_mlx.cli.chat", "Chat with the aligned model in the terminal (--compare: base vs aligned)."),
     "generate": ("poet_mlx.cli.generate", "Generate replies for a prompt or a file of prompts (JSONL out)."),

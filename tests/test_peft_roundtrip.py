@@ -120,5 +120,5 @@ def test_partial_layout_exports_back_to_peft(tiny_model_dir, tmp_path):
     fresh = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "again"))
     adapted = sorted(n for n, m in loaded.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
-    assert adapted == ["base_model.model.model.layers.0.mlp.up_proj", "base_model.model.model.layers.0.self_attn.q_proj"]
+    assert adapted == [f"base_model.model.model.layers.0.{m}" for m in ("mlp.up_proj", "self_attn.q_proj")]
     np.testing.assert_allclose(hf_logits(loaded), want, atol=TOL, rtol=0)

@@ -17,7 +17,7 @@ from ..errors import PoetError
 from ..models import HUB_ID
 
 
-def _base_file(model: str, name: str) -> Optional[Path]:
+def base_file(model: str, name: str) -> Optional[Path]:
     """A file of the base model if it is on this machine (local folder or hub cache); never downloads."""
     local = Path(model).expanduser()
     if local.is_dir():
@@ -35,7 +35,7 @@ def _base_file(model: str, name: str) -> Optional[Path]:
 
 def base_quantization(model: str) -> tuple[Optional[dict], bool]:
     """(mlx quantization settings or None, whether the base's config.json could be read at all)."""
-    cfg = _base_file(model, "config.json")
+    cfg = base_file(model, "config.json")
     if cfg is None:
         return None, False
     try:
@@ -48,7 +48,7 @@ def base_quantization(model: str) -> tuple[Optional[dict], bool]:
 
 def original_base(model: str) -> Optional[str]:
     """The `base_model` an mlx-community conversion names in its model card front matter, if available."""
-    card = _base_file(model, "README.md")
+    card = base_file(model, "README.md")
     if card is None:
         return None
     text = card.read_text(encoding="utf-8", errors="replace")
@@ -89,6 +89,22 @@ def check_output(out: str | Path, force: bool, protect: dict[str, Path], flag: s
     if out.is_dir() and any(out.iterdir()) and not force:
         raise PoetError(f"{flag} {out} exists and is not empty; pass --force to replace it, or choose "
                         "another folder")
+    return out
+
+
+def check_output_file(out: str | Path, force: bool, protect: dict[str, Path], flag: str) -> Path:
+    """Refuse an output file that is a folder, exists (without force), or lies inside a protected folder;
+    the file itself is then written atomically (`fsutil.atomic_path`)."""
+    out = Path(out).expanduser()
+    for what, folder in protect.items():
+        folder = Path(folder).expanduser().resolve()
+        if _inside(out.resolve(), folder):
+            raise PoetError(f"{flag} {out} is inside the {what} {folder}; poet-mlx never writes there. "
+                            f"Choose a {flag} outside it")
+    if out.is_dir():
+        raise PoetError(f"{flag} {out} is a folder; pass a file name such as {out / 'adapter.gguf'}")
+    if out.exists() and not force:
+        raise PoetError(f"{flag} {out} exists; pass --force to replace it, or choose another file")
     return out
 
 
