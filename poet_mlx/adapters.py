@@ -128,6 +128,11 @@ def _adapter_layers(model) -> list[tuple[str, object, object]]:
     return out
 
 
+def has_adapters(model) -> bool:
+    """Whether LoRA/DoRA layers are attached to `model` (what a reference computed by it includes)."""
+    return bool(_adapter_layers(model))
+
+
 @contextmanager
 def adapters_disabled(model):
     """Run `model` as its base inside the block: adapter layers are swapped for the modules they wrap.

@@ -228,3 +228,47 @@ def test_init_adapter_trains_only_the_adapted_modules(tiny_model_dir, tiny_data_
     assert not np.allclose(np.array(saved[key]), np.array(first[f"base_model.model.{key[:-7]}.lora_B.weight"]).T)
     model, _ = load(str(tiny_model_dir), adapter_path=str(tmp_path / "run"))
     assert not np.any(np.array(model.model.layers[1].mlp.up_proj.lora_b))
+
+
+def test_init_adapter_run_resumes(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    """Stopped after one step and resumed: the saved settings are the adapter's, so the resumed run rebuilds the
+    same layout (held modules included) and reaches the losses of an uninterrupted run."""
+    from poet_mlx.train.run import run_training
+
+    src = peft_folder(tmp_path / "peft", tiny_model_dir, tiny_modules([0], ["self_attn.q_proj", "mlp.up_proj"]))
+    settings = dict(loss="dpo", iters=3, num_layers=None, init_adapter=str(src), save_every=1)
+    whole = run_training(run_config(tiny_model_dir, tiny_data_dir, tmp_path / "whole", **settings))
+    steps = iter([False, True])
+    run_training(run_config(tiny_model_dir, tiny_data_dir, tmp_path / "cut", **settings),
+                 should_stop=lambda: next(steps, True))
+    assert cli("train", "--adapter-path", tmp_path / "cut", "--resume", "--plain") == 0
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in x and "eval_loss" not in x] for r in ("whole", "cut")]
+    assert whole["header"]["num_layers"] == 2 and len(losses[0]) == len(losses[1]) == 3
+    np.testing.assert_allclose(losses[1][-1], losses[0][-1], rtol=1e-5)
+
+
+def test_reference_cache_key_names_the_init_adapter_only_when_it_is_attached(tiny_model_dir, tiny_data_dir,
+                                                                             tmp_path):
+    """eval (or anything scoring the bare base) with init_adapter in its settings stores the base's reference
+    under the base's key; the training policy with the adapter attached stores it under the adapter's key."""
+    from poet_mlx.adapters import attach_trainable, lora_parameters
+    from poet_mlx.batching import pair_set
+    from poet_mlx.config import DataConfig
+    from poet_mlx.data.sources import load_split
+    from poet_mlx.data.tokenization import tokenize_pairs
+    from poet_mlx.models import load_model
+    from poet_mlx.reporting import Reporter
+    from poet_mlx.train import reference
+
+    src = peft_folder(tmp_path / "peft", tiny_model_dir, tiny_modules([1], ["self_attn.q_proj"]))
+    cfg = run_config(tiny_model_dir, tiny_data_dir, tmp_path / "run", loss="dpo", init_adapter=str(src))
+    model, tok, path = load_model(str(tiny_model_dir))
+    rows, _ = load_split(DataConfig(data=str(tiny_data_dir)), "valid")
+    pairs, _ = tokenize_pairs(rows[:4], tok, 128, 32)
+    plain, init = reference.cache_key(path, pairs), reference.cache_key(path, pairs, str(src))
+    reference.fill_reference({"x": pair_set(pairs, cfg.loss)}, cfg, model, path, tok, Reporter())
+    assert sorted(p.stem for p in reference.cache_dir().glob("*.npz")) == [plain]
+    attach_trainable(model, "lora", 1, lora_parameters(4, 2.0, 0.0, ["self_attn.q_proj"]))
+    reference.fill_reference({"x": pair_set(pairs, cfg.loss)}, cfg, model, path, tok, Reporter())
+    assert sorted(p.stem for p in reference.cache_dir().glob("*.npz")) == sorted([plain, init])

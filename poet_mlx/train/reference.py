@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..adapters import has_adapters
 from ..batching import TokenLogps
 from ..config import RunConfig
 from ..data.tokenization import TokenizedPair, pad_id
@@ -153,6 +154,8 @@ def fill_reference(sets, cfg: RunConfig, policy, policy_path, tokenizer, reporte
             raise PoetError(f"--ref-model {cfg.model.ref_model} has a different vocabulary "
                             f"({ref_tok.vocab_size} vs {tokenizer.vocab_size}); it must share the tokenizer")
         reporter.phase("loading reference model", 1, 1)
+    # The policy scores base + --init-adapter only once that adapter is attached (train), not in eval
+    init_adapter = cfg.lora.init_adapter if model is policy and has_adapters(policy) else None
     was_training = getattr(model, "training", False)
     model.eval()
     for name, s in sets.items():
@@ -160,8 +163,7 @@ def fill_reference(sets, cfg: RunConfig, policy, policy_path, tokenizer, reporte
         reporter.phase(label, 0, len(s))
         s.ref, reused = reference_token_logps(model, path, s.pairs, REFERENCE_BATCH, pad_id(tokenizer),
                                               progress=lambda d, t: d < t and reporter.phase(label, d, t),
-                                              world=world, init_adapter=None if cfg.model.ref_model
-                                              else cfg.lora.init_adapter)
+                                              world=world, init_adapter=init_adapter)
         reporter.phase(label, len(s), len(s), note="reused from cache" if reused else "computed")
     if model is not policy:
         del model
