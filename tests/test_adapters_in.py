@@ -272,3 +272,14 @@ def test_reference_cache_key_names_the_init_adapter_only_when_it_is_attached(tin
     attach_trainable(model, "lora", 1, lora_parameters(4, 2.0, 0.0, ["self_attn.q_proj"]))
     reference.fill_reference({"x": pair_set(pairs, cfg.loss)}, cfg, model, path, tok, Reporter())
     assert sorted(p.stem for p in reference.cache_dir().glob("*.npz")) == sorted([plain, init])
+
+
+def test_init_adapter_from_an_mlx_lm_folder(lora_run, tiny_model_dir, tiny_data_dir, tmp_path):
+    """A poet-mlx / mlx-lm adapter folder starts a run as well: same layout, reference = base + those adapters."""
+    from poet_mlx.train.run import run_training
+
+    summary = run_training(run_config(tiny_model_dir, tiny_data_dir, tmp_path / "dpo", loss="dpo", iters=1,
+                                      init_adapter=str(lora_run)))
+    first = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
+    assert summary["header"]["notes"][0].startswith(f"starting from the mlx-lm LoRA adapter {lora_run}")
