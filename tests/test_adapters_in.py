@@ -283,3 +283,21 @@ def test_init_adapter_from_an_mlx_lm_folder(lora_run, tiny_model_dir, tiny_data_
     first = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
     assert summary["header"]["notes"][0].startswith(f"starting from the mlx-lm LoRA adapter {lora_run}")
+
+
+def test_eval_of_a_run_from_an_init_adapter_scores_against_that_start(lora_run, tiny_model_dir, tiny_data_dir,
+                                                                      tmp_path):
+    """The held-out reference of such a run is base + the init adapter, as in training: a run that has not moved
+    from its start (learning rate ~0) has rewards ~0, where scoring against the bare base would not."""
+    from poet_mlx.analysis.evaluate import run_evaluation
+    from poet_mlx.export.peft import export_peft
+    from poet_mlx.train.run import run_training
+
+    export_peft(lora_run, tmp_path / "peft")
+    run = tmp_path / "still"
+    run_training(run_config(tiny_model_dir, tiny_data_dir, run, iters=1, learning_rate=1e-12,
+                            init_adapter=str(tmp_path / "peft")))
+    means, _ = run_evaluation(run_config(tiny_model_dir, tiny_data_dir, "unused"), str(run))
+    assert abs(means["rewards/chosen"]) < 1e-3 and abs(means["rewards/rejected"]) < 1e-3
+    bare, _ = run_evaluation(run_config(tiny_model_dir, tiny_data_dir, "unused"), str(lora_run))
+    assert abs(bare["rewards/chosen"]) > 1e-2  # a run from the base is scored against the base: it moved

@@ -76,7 +76,7 @@ def run_evaluation(cfg: RunConfig, adapter_path: Optional[str], reporter: Report
     data, rows = _eval_data(cfg, tokenizer, reporter)
     s = pair_set(data.pairs, cfg.loss)
     if cfg.loss.needs_reference:
-        fill_reference({"eval": s}, cfg, model, path, tokenizer, reporter)
+        _reference(s, cfg, runs, model, path, tokenizer, reporter)
     labels = _run_labels(runs) if runs else ["base"]
     result = EvalResult({}, [], {}, [], [], {}, [], judge.name if judge else None)
     for i, (label, run) in enumerate(zip(labels, runs or [None])):
@@ -93,6 +93,36 @@ def run_evaluation(cfg: RunConfig, adapter_path: Optional[str], reporter: Report
         if generation is not None:
             _generation_check(model, label, s, rows, tokenizer, generation, judge, reporter, result)
     return result
+
+
+def _reference(s, cfg: RunConfig, runs: list, model, path, tokenizer, reporter) -> None:
+    """The reference of the evaluated runs: --ref-model; else the start they were trained from: the base
+    model, or base + the --init-adapter they all started from (their reference in training too)."""
+    starts = {_saved(run).get("init_adapter") for run in runs}
+    init = starts.pop() if len(starts) == 1 and not cfg.model.ref_model else None
+    if len(starts) > 0 and not cfg.model.ref_model:
+        reporter.warning("the runs started from different --init-adapter folders: all are scored against the base")
+    if not init:
+        fill_reference({"eval": s}, cfg, model, path, tokenizer, reporter)
+        return
+    from dataclasses import replace
+
+    from ..export.peft_import import read_adapter
+    from ..train.run import attach_start
+
+    start, _, _ = load_model(cfg.model.model, cfg.model.revision, cfg.model.trust_remote_code)
+    start_cfg = replace(cfg, lora=replace(cfg.lora, init_adapter=init))
+    start_cfg = attach_start(start_cfg, start, read_adapter(init))[0]
+    fill_reference({"eval": s}, start_cfg, start, path, tokenizer, reporter)
+    del start
+    gc.collect()
+
+
+def _saved(run: str) -> dict:
+    try:
+        return saved_config(Path(run))
+    except PoetError:
+        return {}  # mlx-lm's own adapters: no poet-mlx settings
 
 
 def _eval_data(cfg: RunConfig, tokenizer, reporter: Reporter) -> tuple:

@@ -39,13 +39,8 @@ def run_training(cfg: RunConfig, reporter: Reporter | None = None,
     check_batch_divides(t.batch_size, world)
     init = read_adapter(cfg.lora.init_adapter) if cfg.lora.init_adapter else None  # fails before any loading
     model, tokenizer, path, train, valid = _load(cfg, reporter, world)
-    if init is not None:  # --init-adapter fixes the layout; the saved settings then say what it is
-        cfg, box = init_settings(cfg, init, model)
+    cfg, params, n_layers, box = attach_start(cfg, model, init)
     lora = cfg.lora
-    params = lora_parameters(lora.rank, lora.scale, lora.dropout, lora.keys)
-    n_layers = attach_trainable(model, lora.fine_tune_type, lora.num_layers, params)
-    if init is not None:
-        load_initial_adapter(model, init.weights, box.held_at_zero)
     sets = {"train": pair_set(train.pairs, cfg.loss)}
     if valid is not None:
         sets["valid"] = pair_set(valid.pairs, cfg.loss)
@@ -81,6 +76,21 @@ def run_training(cfg: RunConfig, reporter: Reporter | None = None,
                     "warnings": early_warnings + summary["warnings"]})
     reporter.done(summary)
     return summary
+
+
+def attach_start(cfg: RunConfig, model, init=None) -> tuple:
+    """Attach the run's trainable part to `model`: fresh adapters, or those of --init-adapter (`init`, read by
+    `export.peft_import.read_adapter`), which then fix the layout. Returns (the settings as they now are, the
+    LoRA parameters, the number of adapted layers, the init adapter's layout box or None)."""
+    box = None
+    if init is not None:  # --init-adapter fixes the layout; the saved settings then say what it is
+        cfg, box = init_settings(cfg, init, model)
+    lora = cfg.lora
+    params = lora_parameters(lora.rank, lora.scale, lora.dropout, lora.keys)
+    n_layers = attach_trainable(model, lora.fine_tune_type, lora.num_layers, params)
+    if init is not None:
+        load_initial_adapter(model, init.weights, box.held_at_zero)
+    return cfg, params, n_layers, box
 
 
 def default_notes(cfg: RunConfig, n_layers: int) -> list[str]:
