@@ -24,22 +24,22 @@ _PUBLIC = {
 
 
 class _BlasBeforeMlx:
-    """A meta-path finder that runs `backends.blas.enable_fast_blas` just before `mlx.core` is first imported,
+    """A meta-path finder that runs `backends.enable_process_wide` just before `mlx.core` is first imported,
     then steps aside (it finds nothing itself, so the normal import proceeds)."""
 
     def find_spec(self, name, path=None, target=None):
         if name == "mlx.core":
             _sys.meta_path[:] = [f for f in _sys.meta_path if f is not self]
-            from .backends.blas import enable_fast_blas
+            from .backends import enable_process_wide
 
-            enable_fast_blas()
+            enable_process_wide()
         return None
 
 
 if "mlx.core" in _sys.modules:
-    from .backends.blas import enable_fast_blas as _enable
+    from .backends import enable_process_wide as _enable
 
-    _enable()  # too late to route; records why in backends.blas.STATUS
+    _enable()  # too late to route the BLAS (backends.blas.STATUS says why); the rest still applies
 elif not any(isinstance(f, _BlasBeforeMlx) for f in _sys.meta_path):
     _sys.meta_path.insert(0, _BlasBeforeMlx())
 

@@ -60,9 +60,11 @@ def load_model(model: str, revision: Optional[str] = None, trust_remote_code: bo
         reason = str(exc).rstrip(".")
         raise PoetError(f"mlx-lm could not load the model in {path}: {reason}. Check that the folder holds a "
                         "complete model (config.json, *.safetensors, tokenizer files); re-download it if not") from None
+    from .backends.fast_layers import accelerate_layers
     from .backends.fast_quant import accelerate_quantized
 
     accelerate_quantized(loaded)  # Linux CPU only: 4-bit layers via dequantize + OpenBLAS (fast_quant.py)
+    accelerate_layers(loaded)  # Linux CPU only: attention and SwiGLU written for the CPU (fast_layers.py)
     return loaded, tokenizer, path
 
 

@@ -1,1 +1,15 @@
-"""Fast paths for MLX's CPU backend on Linux: OpenBLAS for matmuls, dequantize-then-GEMM for 4-bit layers."""
+"""Fast paths for MLX's CPU backend on Linux: OpenBLAS for matmuls (`blas`), fused kernels built for this CPU
+(`jit`), freed memory kept for reuse (`alloc`), attention and SwiGLU written for the CPU (`fast_layers`),
+dequantize-then-GEMM for 4-bit layers (`fast_quant`)."""
+
+
+def enable_process_wide() -> None:
+    """The process-wide settings, run just before `mlx.core` is first imported (poet_mlx's import hook):
+    OpenBLAS (which must come first), the JIT compiler flags and glibc's malloc. Each never raises."""
+    from .alloc import keep_freed_memory
+    from .blas import enable_fast_blas
+    from .jit import enable_fast_jit
+
+    enable_fast_blas()
+    enable_fast_jit()
+    keep_freed_memory()

@@ -1,0 +1,93 @@
+"""The CPU rewrites of `poet_mlx.backends`: blocked causal attention and SwiGLU (`fast_layers`), the JIT
+compiler flags (`jit`) and glibc's malloc setting (`alloc`): same numbers as mlx-lm's, values and gradients."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from poet_mlx.backends import alloc, fast_layers, jit
+
+
+def _qkv(b, h, kv, t, d, seed=0):
+    keys = [mx.random.key(seed + i) for i in range(3)]
+    return (mx.random.normal((b, h, t, d), key=keys[0]), mx.random.normal((b, kv, t, d), key=keys[1]),
+            mx.random.normal((b, kv, t, d), key=keys[2]))
+
+
+@pytest.mark.parametrize("h, kv, t, block", [(4, 2, 37, 16), (3, 3, 64, 64), (6, 1, 130, 128), (2, 1, 5, 128)])
+def test_causal_attention_equals_mlx_sdpa_values_and_gradients(h, kv, t, block):
+    q, k, v = _qkv(2, h, kv, t, 8)
+    scale = 8 ** -0.5
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+    out = fast_layers.causal_attention(q, k, v, scale, block)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert mx.abs(out - ref).max().item() < 1e-5
+    w = mx.random.normal(ref.shape, key=mx.random.key(9))
+
+    def loss(f):
+        return lambda q, k, v: (f(q, k, v) * w).sum()
+
+    g_ref = mx.grad(loss(lambda q, k, v: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")),
+                    argnums=(0, 1, 2))(q, k, v)
+    g_out = mx.grad(loss(lambda q, k, v: fast_layers.causal_attention(q, k, v, scale, block)), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_out, g_ref):
+        assert mx.abs(a - b).max().item() < 1e-4 * max(1.0, mx.abs(b).max().item())
+
+
+def test_swiglu_equals_mlx_lm():
+    from mlx_lm.models.activations import swiglu
+
+    g = mx.random.normal((3, 50), key=mx.random.key(1)) * 30  # saturated values too
+    x = mx.random.normal((3, 50), key=mx.random.key(2))
+    assert mx.abs(fast_layers._swiglu(g, x) - swiglu(g, x)).max().item() < 1e-5
+    assert mx.all(mx.isfinite(fast_layers._swiglu(mx.array([-1e4, 1e4]), mx.array([1.0, 1.0])))).item()
+
+
+def test_accelerated_model_gives_the_same_logits_and_generation(tiny_model_dir, monkeypatch):
+    from mlx_lm.generate import generate
+    from mlx_lm.utils import load
+
+    model, tok = load(str(tiny_model_dir))
+    tokens = mx.array([[1, 5, 9, 14, 3, 7, 7, 2, 11, 4]])
+    before = model(tokens)
+    reply = generate(model, tok, prompt=[1, 5, 9], max_tokens=6)
+    monkeypatch.setattr(fast_layers, "wanted", lambda: True)
+    changed = fast_layers.accelerate_layers(model)
+    assert changed == 2 * len(model.layers)  # one attention and one MLP per layer
+    assert fast_layers.accelerate_layers(model) == 0  # idempotent
+    assert type(model.layers[0].self_attn).__name__.startswith("Fast")
+    assert mx.abs(model(tokens) - before).max().item() < 1e-4
+    assert generate(model, tok, prompt=[1, 5, 9], max_tokens=6) == reply  # KV-cache calls: mlx-lm's path
+    from mlx.utils import tree_flatten
+
+    fresh, _ = load(str(tiny_model_dir))
+    assert {k for k, _ in tree_flatten(model.parameters())} == {k for k, _ in tree_flatten(fresh.parameters())}
+
+
+def test_accelerate_layers_is_off_where_not_wanted(tiny_model_dir, monkeypatch):
+    from mlx_lm.utils import load
+
+    model, _ = load(str(tiny_model_dir))
+    monkeypatch.setenv(fast_layers.ENV_SWITCH, "native")
+    assert fast_layers.accelerate_layers(model) == 0
+
+
+def test_jit_and_malloc_settings_report_what_they_did():
+    import sys
+
+    assert isinstance(jit.STATUS.reason, str) and isinstance(alloc.STATUS, str)
+    if sys.platform.startswith("linux") and jit.STATUS.active:
+        # The wrapper passes MLX's own arguments through to the real compiler, with the flags first.
+        import os
+        from pathlib import Path
+
+        wrapper = Path(jit.STATUS.folder) / "bin" / "g++"
+        assert wrapper.is_file() and os.access(wrapper, os.X_OK)
+        assert all(f in wrapper.read_text() for f in jit.FLAGS)
+        # A compiled, fused elementwise kernel runs (built with the flags) and gives MLX's numbers.
+        x = mx.array(np.linspace(-30, 30, 1001, dtype=np.float32))
+        fused = mx.compile(lambda a: a / (1 + mx.exp(-a)) * 2.0)(x)
+        assert np.allclose(np.array(fused), np.array(nn.silu(x) * 2.0), rtol=1e-5, atol=1e-6)
