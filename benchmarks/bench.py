@@ -4,7 +4,10 @@ side with mlx-lm-lora when it is installed.
     python benchmarks/bench.py            # everything (~12 minutes on 2 CPU cores)
     python benchmarks/bench.py --quick    # tiny model only (~1-2 minutes)
     python benchmarks/bench.py --sections models peer --out results.json
-    python benchmarks/bench.py --setup-peer   # installs mlx-lm-lora 5.10.2 into benchmarks/.peer-venv
+    python benchmarks/bench.py --setup-peer   # installs mlx-lm-lora 5.10.2 into benchmarks/.peer-venv and
+                                              # unsloth-zoo 2026.10.9 into benchmarks/.peer-venv-unsloth
+    python benchmarks/bench.py --real [--quick]   # SmolLM2-135M-Instruct side by side with both peers
+                                                  # (~30 minutes; --quick ~10; benchmarks/real.py)
 
 Prints one table per section and writes every number to a JSON file (default benchmarks/out/bench.json).
 Models and data are generated in code (benchmarks/workloads.py) and cached in --work.
@@ -38,6 +41,9 @@ def setup_peer() -> int:
     pins = PEER_PIN if sys.platform.startswith("linux") else [p.replace("mlx[cpu]", "mlx") for p in PEER_PIN]
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", *pins], check=True)
     print(f"mlx-lm-lora installed in {venv}; bench.py finds it there")
+    from benchmarks import real
+
+    print(f"unsloth-zoo installed in {real.setup_unsloth()} (--no-deps; MLX, mlx-lm and OpenBLAS beside it)")
     return 0
 
 
@@ -67,9 +73,15 @@ def main(argv=None) -> int:
     p.add_argument("--peer-reference-blas", type=int, default=0, metavar="STEPS",
                    help="also compare with mlx-lm-lora with both on MLX's reference BLAS, for STEPS steps (slow: "
                    "~15 s a step)")
+    p.add_argument("--real", action="store_true", help="the real-model benchmark instead (benchmarks/real.py): "
+                   "SmolLM2-135M-Instruct, both peers, sampling, QLoRA, growth; writes benchmarks/out/real.json")
+    p.add_argument("--real-sections", nargs="+", metavar="NAME", help="with --real: only these sections "
+                   "(sgemm step peers sampling qlora growth)")
     args = p.parse_args(argv)
     if args.setup_peer:
         return setup_peer()
+    if args.real:
+        return main_real(args)
 
     plan = sections.Plan.quick() if args.quick else sections.Plan.full()
     if args.peer_reference_blas:
@@ -102,6 +114,27 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(out)
     print(f"total {results['seconds']:.0f} s; results in {out}")
+    return 0
+
+
+def main_real(args) -> int:
+    """`--real`: every section of benchmarks/real.py, its tables printed and its numbers in JSON (with the
+    machine and the load average at start and end)."""
+    from benchmarks import real
+
+    out_path = Path(args.out) if "--out" in sys.argv else sections.ROOT / "benchmarks" / "out" / "real.json"
+    work = Path(args.work) / "real"
+    tic = time.perf_counter()
+    results = {"plan": "quick" if args.quick else "full", "machine": machine()}
+    data, _ = real.run(work, args.quick, tuple(args.real_sections or real.ALL))
+    results.update(data)
+    results["seconds"] = time.perf_counter() - tic
+    results["load_average_end"] = os.getloadavg()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out_path)
+    print(f"total {results['seconds']:.0f} s; results in {out_path}")
     return 0
 
 

@@ -245,3 +245,50 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     results = json.loads(out.read_text())
     assert {"blas", "models", "peer", "lossmem"} <= set(results["sections"])
     assert all("error" not in r for r in results["sections"]["models"]["result"])
+
+
+# -- the real-model benchmark's helpers ----------------------------------------------------------------------
+
+def test_flops_count_matches_hand_numbers():
+    """SmolLM2-135M's shapes: 3,538,944 matmul weights per layer; one row of 10 positions, 4 scored, the last
+    2 of 3 layers adapted with rank 1, worked out by hand."""
+    from benchmarks import flops
+
+    s = flops.Shape(hidden=576, layers=3, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152)
+    assert s.layer_params == 3_538_944
+    fwd = flops.row_flops(s, 10, 4, 2, 1, train=False)
+    assert fwd["layers_forward"] == 2 * 10 * 3_538_944 * 3
+    assert fwd["attention_forward"] == 4 * 9 * 64 * 55 * 3  # 10 * 11 / 2 = 55 causal pairs
+    assert fwd["head_forward"] == 2 * 4 * 576 * 49152
+    lora_layer = 2 * 10 * sum(i + o for i, o in s.projections)
+    assert fwd["lora"] == lora_layer * 2
+    train = flops.row_flops(s, 10, 4, 2, 1, train=True)
+    qkv = 2 * 10 * (576 * 576 + 2 * 576 * 192)
+    assert train["layers_backward"] == 2 * 10 * 3_538_944 * 2 - qkv
+    assert train["attention_backward"] == 2 * 4 * 9 * 64 * 55 * 2
+    assert train["head_backward"] == fwd["head_forward"] and train["lora"] == 3 * lora_layer * 2
+    assert flops.total([fwd, fwd])["total"] == 2 * sum(fwd.values())
+
+
+def test_real_data_fills_the_length_with_different_responses(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from benchmarks import real
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))  # one token per word: lengths are word counts
+    folder = real.real_data(tmp_path / "work", str(tmp_path), pairs=6, length=128)
+    rows = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    for r in rows:
+        p, c, j = (len(r[k].split()) for k in ("prompt", "chosen", "rejected"))
+        assert p + max(c, j) <= 128 and p + min(c, j) >= 0.6 * (128 - 24 - p)
+    assert any(len(r["chosen"].split()) != len(r["rejected"].split()) for r in rows)
+
+
+def test_least_squares_line():
+    from benchmarks import real
+
+    a, b, worst = real._line([1, 2, 4], [3, 5, 9])
+    assert abs(a - 1) < 1e-9 and abs(b - 2) < 1e-9 and worst < 1e-9

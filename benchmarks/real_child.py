@@ -1,0 +1,149 @@
+"""The real-model benchmark's measurements, one per fresh process (`python -m benchmarks.real_child '<spec>'`):
+- "sgemm": the machine's sgemm rate: numpy's OpenBLAS (its default threads: the machine's best) and MLX's
+  matmul through poet-mlx's OpenBLAS, at the shapes of a SmolLM2 training step;
+- "step": a poet-mlx training run (`benchmarks.ours.run_case`) plus its matmul FLOPs per step and for the
+  reference pass (`benchmarks.flops`), from the same batches the trainer draws;
+- "sample": single-stream generation (`mlx_lm.stream_generate`, what `chat` uses) against batched sampling
+  (`poet_mlx.generate.sampling.sample`, what `eval --generate` and `pairs` use).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import poet_mlx  # noqa: F401  (first: OpenBLAS before mlx.core, unless POET_MLX_BLAS=reference)
+from benchmarks.report import child_main
+
+
+def _median_rate(fn, flops: float, calls: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(calls):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return flops / statistics.median(times) / 1e9
+
+
+def run_sgemm(spec: dict) -> dict:
+    import mlx.core as mx
+    import numpy as np
+
+    from poet_mlx.backends import blas
+
+    rows = []
+    for m, k, n in spec["shapes"]:
+        a, b = np.random.default_rng(0).standard_normal((2, max(m, n), k), dtype=np.float32)
+        a, w = np.ascontiguousarray(a[:m]), np.ascontiguousarray(b[:n])
+        am, wm = mx.array(a), mx.array(w)
+        flops = 2.0 * m * n * k
+        rows.append({"shape": [m, k, n], "numpy_gflops": _median_rate(lambda: a @ w.T, flops),
+                     "mlx_gflops": _median_rate(lambda: mx.eval(am @ wm.T), flops)})
+    return {"table": rows, "best_numpy_gflops": max(r["numpy_gflops"] for r in rows),
+            "best_mlx_gflops": max(r["mlx_gflops"] for r in rows), "mlx_blas_threads": blas.STATUS.threads}
+
+
+def step_flops(config: dict, steps: int) -> dict:
+    """Matmul FLOPs of each training step's batch and of the reference pass, and the padding fed, from
+    the trainer's own data path (tokenization, POET layouts, epoch order)."""
+    from mlx_lm.utils import load_tokenizer
+
+    from benchmarks import flops
+    from poet_mlx.batching import epoch_batches, padding_fraction, pair_set
+    from poet_mlx.config import RunConfig
+    from poet_mlx.data.splits import read_split, tokenize_split
+    from poet_mlx.models import resolve_model_path
+    from poet_mlx.reporting import Reporter
+
+    cfg = RunConfig.from_flat(config, source="benchmark")
+    path = resolve_model_path(cfg.model.model)
+    shape = flops.Shape.from_config(path)
+    tok = load_tokenizer(path)
+    pairs = tokenize_split(cfg, *read_split(cfg, "train", Reporter()), tok, "train", Reporter()).pairs
+    ps = pair_set(pairs, cfg.loss)
+    adapted = shape.layers if cfg.lora.num_layers == -1 else cfg.lora.num_layers
+    b = cfg.train.batch_size
+    order = [batch for epoch in range(steps * b // max(1, len(pairs)) + 1)
+             for batch in epoch_batches([lay.tokens for lay in ps.layouts], b, cfg.train.seed, epoch)][:steps]
+    per_step, padding = [], []
+    for idx in order:
+        rows = []
+        for i in idx:
+            p, lay = pairs[i], ps.layouts[i]
+            for keep in (lay.keep_chosen, lay.keep_rejected):
+                rows.append(flops.row_flops(shape, len(p.prompt) + keep - 1, keep, adapted, cfg.lora.rank, True))
+        per_step.append(flops.total(rows))
+        padding.append(padding_fraction(ps.batch(idx, 0)))
+    ref = flops.total([flops.row_flops(shape, len(p.prompt) + len(r) - 1, len(r), adapted, cfg.lora.rank, False)
+                       for p in pairs for r in (p.chosen, p.rejected)])
+    return {"per_step": per_step, "reference": ref, "padding": padding, "pairs": len(pairs)}
+
+
+def run_step(spec: dict) -> dict:
+    from benchmarks import ours
+
+    out = ours.run_case(spec)
+    f = step_flops(spec["config"], len(out["step_times"]))
+    steady = list(range(1, len(out["step_times"]))) or [0]
+    t = sum(out["step_times"][i] for i in steady)
+    out.update({
+        "flops_per_step": [s["total"] for s in f["per_step"]],
+        "flops_parts": f["per_step"][steady[0]],
+        "step_gflops": sum(f["per_step"][i]["total"] for i in steady) / t / 1e9,
+        "reference_flops": f["reference"]["total"],
+        "reference_gflops": f["reference"]["total"] / out["reference_s"] / 1e9 if out.get("reference_s") else None,
+        "padding": statistics.fmean(f["padding"]),
+        "data_pairs": f["pairs"],
+    })
+    return out
+
+
+def run_sample(spec: dict) -> dict:
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from poet_mlx.generate.sampling import sample
+    from poet_mlx.models import load_model
+
+    model, tok, _ = load_model(spec["model"])
+    topics = ["rivers", "bread", "chess", "volcanoes", "bees", "trains", "glass", "tides", "owls", "paper",
+              "salt", "comets", "violins", "deserts", "coffee", "bridges"]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Write a long story about {t}."}],
+                                       add_generation_prompt=True) for t in topics]
+    n = spec["max_tokens"]
+    single = []
+    for p in prompts[: spec.get("single_prompts", 2)]:
+        tic = time.perf_counter()
+        last = None
+        for last in stream_generate(model, tok, p, max_tokens=n, sampler=make_sampler(spec["temperature"])):
+            pass
+        single.append({"tokens": last.generation_tokens, "wall_s": time.perf_counter() - tic,
+                       "generation_tps": last.generation_tps, "prompt_tps": last.prompt_tps})
+    batch = spec["batch_size"]
+    seeds = list(range(batch))
+    sample(model, tok, prompts[:2], seeds[:2], 4, spec["temperature"], batch_size=batch)  # warm-up
+    tic = time.perf_counter()
+    replies = sample(model, tok, prompts[:batch], seeds, n, spec["temperature"], batch_size=batch)
+    wall = time.perf_counter() - tic
+    tokens = sum(len(r.ids) + int(r.finished) for r in replies)
+    one = single[1:] or single
+    single_tps = statistics.fmean(s["generation_tps"] for s in one)
+    return {"single": single, "single_generation_tps": single_tps,
+            "single_wall_tps": statistics.fmean(s["tokens"] / s["wall_s"] for s in one),
+            "batched_tokens": tokens, "batched_wall_s": wall, "batched_tps": tokens / wall,
+            "speedup": tokens / wall / single_tps, "peak_gb": mx.get_peak_memory() / 1e9}
+
+
+def run(spec: dict) -> dict:
+    return {"sgemm": run_sgemm, "step": run_step, "sample": run_sample}[spec["mode"]](spec)
+
+
+def main(argv=None) -> int:
+    return child_main(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
