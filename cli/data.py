@@ -12,7 +12,9 @@ from poet_mlx.cli.common import EXIT_USER_ERROR, add_output_flags, one_line, run
 from poet_mlx.cli.formats import fmt
 
 MODEL_FLAGS_SKIP = ("ref_model",)
-LOSS_FLAGS_SKIP = ("loss", "beta", "gamma_beta_ratio", "label_smoothing", "sft_weight", "poet")
+LOSS_FLAGS_KEEP = ("poet_ratio",)
+"""The only loss setting that changes what the data check reports (what POET cuts); the rest would be
+accepted and ignored."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,9 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="Print the report as JSON instead of tables.")
     add_config_flags(c, groups=("model",), skip=MODEL_FLAGS_SKIP)
     add_config_flags(c, groups=("data",), skip=("data",))
-    add_config_flags(c, groups=("loss",), skip=LOSS_FLAGS_SKIP)
+    add_config_flags(c, groups=("loss",), skip=_loss_flags_skip())
     add_output_flags(c)
     return p
+
+
+def _loss_flags_skip() -> tuple:
+    from dataclasses import fields
+
+    from poet_mlx.config import LossConfig
+
+    return tuple(f.name for f in fields(LossConfig) if f.name not in LOSS_FLAGS_KEEP)
 
 
 def main(argv: list[str] | None = None) -> int:

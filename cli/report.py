@@ -244,20 +244,18 @@ def prefix_chart(curves: list[dict]) -> Chart:
 
 def runs_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """Runs side by side (one column each): settings, then final and best numbers. Returns (header, rows)."""
-    from poet_mlx.config import DEFAULT_BETA
+    from poet_mlx.export.model_card import objective_fact
 
     header = ["", *[r.label for r in runs]]
     columns = []
     for run in runs:
         c = run.config
-        loss = c.get("loss", "?")
-        beta = c.get("beta") if c.get("beta") is not None else DEFAULT_BETA.get(loss, "?")
         ratio = c.get("poet_ratio", 1.0)
         poet = ("on" + (f", ratio {ratio:g}" if ratio != 1.0 else "")) if c.get("poet") else "off"
         final = {name: last for name, last, _ in final_and_best(run.records)}
         best = {name: best for name, _, best in final_and_best(run.records)}
         at = lambda d, k: f"{fmt(d[k][0])} (step {d[k][1]})" if k in d else "-"  # noqa: E731
-        columns.append([str(run.path), str(c.get("model", "?")), f"{loss}, beta {fmt(beta)}",
+        columns.append([str(run.path), str(c.get("model", "?")), objective_fact(c) if c.get("loss") else "?",
                         poet if c else "?", f"{c.get('fine_tune_type', '?')}, rank {c.get('rank', '?')}",
                         str(max((r["step"] for r in run.train), default=0)),
                         at(final, "loss"), at(final, "eval_loss"), at(best, "eval_loss"),

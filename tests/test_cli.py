@@ -248,3 +248,11 @@ def test_cli_imports_stay_light():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", f"heavy modules imported by the CLI: {proc.stdout}"
+
+
+def test_data_check_offers_only_the_loss_setting_it_reads(capsys):
+    assert cli("data", "check", "--help") == 0
+    out = capsys.readouterr().out
+    assert "--poet-ratio" in out
+    for ignored in ("--loss ", "--beta", "--ld-alpha", "--loss-weights", "--cpo-alpha", "--label-smoothing"):
+        assert ignored not in out, ignored

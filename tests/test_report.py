@@ -20,11 +20,11 @@ from poet_mlx.cli.svg import chart_svg, combined_svg
 SVG = "{http://www.w3.org/2000/svg}"
 
 
-def write_run(folder, loss="dpo", poet=True, steps=(10, 20, 30), scale=1.0):
+def write_run(folder, loss="dpo", poet=True, steps=(10, 20, 30), scale=1.0, **settings):
     """A run folder as the trainer leaves it: adapter_config.json with the settings, metrics.jsonl."""
     folder.mkdir(parents=True)
     config = {"model": "mlx-community/tiny-4bit", "loss": loss, "beta": None, "poet": poet, "poet_ratio": 1.0,
-              "fine_tune_type": "lora", "rank": 8}
+              "fine_tune_type": "lora", "rank": 8, **settings}
     (folder / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora",
                                                             "poet_mlx": {"version": "0", "config": config}}))
     records = [{"step": 0, "eval_loss": 0.693, "eval_rewards/accuracies": 0.5, "eval_rewards/margins": 0.0}]
@@ -252,3 +252,10 @@ def test_png_with_cairosvg(tmp_path):
     run = write_run(tmp_path / "run")
     assert main(["report", str(run), "--output", str(tmp_path / "r.png"), "--quiet"]) == 0
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_loss_mixture_shows_its_losses_weights_and_the_beta_it_ran_with(tmp_path, capsys):
+    run = write_run(tmp_path / "run", loss="sigmoid bco_pair sft", loss_weights=[0.8, 0.2, 1.0])
+    assert main(["report", str(run), "--quiet"]) == 0
+    page = (run / "report.html").read_text()
+    assert "sigmoid bco_pair sft (weights 0.8, 0.2, 1), beta 0.1" in page
