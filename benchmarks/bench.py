@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--real", action="store_true", help="the real-model benchmark instead (benchmarks/real.py): "
                    "SmolLM2-135M-Instruct, both peers, sampling, QLoRA, growth; writes benchmarks/out/real.json")
     p.add_argument("--real-sections", nargs="+", metavar="NAME", help="with --real: only these sections "
-                   "(sgemm step peers sampling qlora growth)")
+                   "(sgemm step profile peers sampling qlora growth)")
     args = p.parse_args(argv)
     if args.setup_peer:
         return setup_peer()

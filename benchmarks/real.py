@@ -7,6 +7,8 @@ Sections (each measurement in a fresh process, the load average recorded with it
 - step: poet-mlx's DPO+POET step at batch x length (8 x 512): step time, achieved matmul FLOP/s
   (`benchmarks.flops`) against the sgemm rate, and the same for the reference pass; per OpenBLAS thread
   setting, alternated;
+- profile: where a forward pass at the step's shape spends its time (projections, attention, the rest of a
+  layer, the head, glue), and its forward + backward;
 - peers: poet-mlx DPO (and DPO+POET), mlx-lm-lora DPO and unsloth-zoo MLX DPO on the same model, data, LoRA
   placement (rank 8, scale 20, every linear layer of the last 16 layers), batch, lengths and OpenBLAS: step
   time, peak memory, time to a finished epoch (reference pass included);
@@ -213,6 +215,37 @@ def section_step(work: Path, plan: RealPlan, m: dict, best_gflops: float) -> tup
     return results, text
 
 
+def section_profile(work: Path, plan: RealPlan, m: dict, best_gflops: float) -> tuple[dict, str]:
+    """Target 1's breakdown: a forward pass at the step's shape (every row full length, half of it scored)
+    split into its parts (`real_child.run_profile`), each part's achieved rate against the sgemm rate."""
+    from benchmarks import flops
+
+    rows_n, n = plan.step_batch * 2, plan.step_length
+    r = run_child("real_child", {"mode": "profile", "model": m["float32"], "rows": rows_n, "length": n,
+                                 "scored": n // 2, "layers": plan.num_layers}, timeout=3600)
+    if "error" in r:
+        return r, f"profile: {r['error']}\n"
+    shape = flops.Shape.from_config(m["float32"])
+    f = flops.row_flops(shape, n, n // 2, 0, 8, False)
+    useful = {"projections (7 matmuls)": f["layers_forward"] * rows_n,
+              "attention core (RoPE + causal softmax(QK^T)V)": f["attention_forward"] * rows_n,
+              "head (scored positions, logsumexp)": f["head_forward"] * rows_n}
+    rows = []
+    for name, sec in r["parts_s"].items():
+        rate = useful[name] / sec / 1e9 if name in useful and sec else None
+        rows.append([name, sec, sec / r["forward_s"], rate, ratio(rate, best_gflops) if rate else None])
+    total = sum(useful.values())
+    rows.append(["whole forward", r["forward_s"], 1.0, total / r["forward_s"] / 1e9,
+                 ratio(total / r["forward_s"] / 1e9, best_gflops)])
+    r["useful_flops"] = useful
+    text = table(f"Target 1 breakdown: one forward at {rows_n} rows x {n} tokens ({n // 2} scored), SmolLM2-135M "
+                 f"float32, load {r['load_average']:.2f}", ["part", "s", "share", "GFLOP/s", "/ sgemm"], rows,
+                 f"Forward + backward through LoRA on {plan.num_layers} layers: {r['forward_backward_s']:.2f} s "
+                 f"({r['forward_backward_s'] / r['forward_s']:.2f}x the forward). Parts are timed alone on the same "
+                 "shapes; glue = whole - parts.")
+    return r, text
+
+
 def section_peers(work: Path, plan: RealPlan, m: dict) -> tuple[list, str]:
     b, n, s, layers = plan.peer_batch, plan.peer_length, plan.peer_steps, plan.num_layers
     runs = [ours(work, m["float32"], "dpo", b, n, s, layers), ours(work, m["float32"], "dpo+poet", b, n, s, layers)]
@@ -329,7 +362,7 @@ def section_growth(work: Path, plan: RealPlan, m: dict) -> tuple[dict, str]:
     return {"points": pts, "layers": lay, "fits": fits}, text
 
 
-ALL = ("sgemm", "step", "peers", "sampling", "qlora", "growth")
+ALL = ("sgemm", "step", "profile", "peers", "sampling", "qlora", "growth")
 
 
 def run(work: Path, quick: bool, sections: tuple = ALL) -> tuple[dict, str]:
@@ -356,6 +389,9 @@ def run(work: Path, quick: bool, sections: tuple = ALL) -> tuple[dict, str]:
         elif name == "step":
             ref = out["sections"].get("sgemm", {}).get("result", {}).get("best_numpy_gflops")
             data, text = section_step(work, plan, m, ref or float("nan"))
+        elif name == "profile":
+            ref = out["sections"].get("sgemm", {}).get("result", {}).get("best_numpy_gflops")
+            data, text = section_profile(work, plan, m, ref or float("nan"))
         elif name == "peers":
             data, text = section_peers(work, plan, m)
         elif name == "sampling":

@@ -4,7 +4,9 @@
 - "step": a poet-mlx training run (`benchmarks.ours.run_case`) plus its matmul FLOPs per step and for the
   reference pass (`benchmarks.flops`), from the same batches the trainer draws;
 - "sample": single-stream generation (`mlx_lm.stream_generate`, what `chat` uses) against batched sampling
-  (`poet_mlx.generate.sampling.sample`, what `eval --generate` and `pairs` use).
+  (`poet_mlx.generate.sampling.sample`, what `eval --generate` and `pairs` use);
+- "profile": a forward pass at the step's shape split into its parts (projections, attention, the rest of a
+  layer, the head, glue), and its forward + backward.
 """
 
 from __future__ import annotations
@@ -137,8 +139,101 @@ def run_sample(spec: dict) -> dict:
             "speedup": tokens / wall / single_tps, "peak_gb": mx.get_peak_memory() / 1e9}
 
 
+def _timed(fn, calls: int = 3) -> float:
+    """Median seconds of `fn()` (which evaluates its result), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(calls):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times)
+
+
+def run_profile(spec: dict) -> dict:
+    """Where a forward pass at the step's shape (rows x length, the reference pass's work) spends its time:
+    the whole forward (trunk + head at the scored positions) against its parts, each timed alone on the same
+    shapes: the seven projections as bare matmuls, the attention core (RoPE + causal attention, the path
+    training takes), the rest of a layer (norms, SwiGLU, residuals, reshapes), the head; "glue" is what the
+    whole takes beyond the sum of its parts (dispatch, graph building, copies between ops). Also the
+    forward + backward of the same rows through LoRA (the training step's compute without optimizer and
+    loss bookkeeping), so the backward's share is visible.
+
+    Spec: model (folder), rows, length, scored (head positions per row), layers (adapted, for the backward).
+    """
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from poet_mlx.models import load_model
+
+    model, _, _ = load_model(spec["model"])
+    model.eval()
+    rows, length, scored = spec["rows"], spec["length"], spec["scored"]
+    inner = model.model
+    layer = inner.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    tokens = mx.random.randint(0, inner.vocab_size, (rows, length))
+    x = inner.embed_tokens(tokens)
+    h = layer.input_layernorm(x)
+    mx.eval(x, h)
+    heads, kv, hd = attn.n_heads, attn.n_kv_heads, attn.q_proj.weight.shape[0] // attn.n_heads
+    q = mx.random.normal((rows, heads, length, hd))
+    k = mx.random.normal((rows, kv, length, hd))
+    v = mx.random.normal((rows, kv, length, hd))
+    weights = [m.weight for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
+                                  mlp.up_proj, mlp.down_proj)]
+    inputs = {w.shape[1]: mx.random.normal((rows * length, w.shape[1])) for w in weights}
+    mx.eval(q, k, v, *inputs.values())
+    n_layers = len(inner.layers)
+    head_w = inner.embed_tokens.weight if getattr(model.args, "tie_word_embeddings", True) else model.lm_head.weight
+    hs = mx.random.normal((rows * scored, head_w.shape[1]))
+    mx.eval(hs)
+
+    from mlx_lm.models.base import scaled_dot_product_attention as sdpa_native
+
+    from poet_mlx.backends import fast_layers
+
+    def attention_core():
+        qr, kr = attn.rope(q), attn.rope(k)
+        if fast_layers.wanted():
+            return fast_layers.causal_attention(qr, kr, v, attn.scale)
+        return sdpa_native(qr, kr, v, cache=None, scale=attn.scale, mask="causal")
+
+    per_layer = {
+        "projections (7 matmuls)": _timed(lambda: mx.eval([inputs[w.shape[1]] @ w.T for w in weights])),
+        "attention core (RoPE + causal softmax(QK^T)V)": _timed(lambda: mx.eval(attention_core())),
+    }
+    whole_layer = _timed(lambda: mx.eval(layer(x, "causal")))
+    per_layer["norms, SwiGLU, residuals, reshapes"] = max(0.0, whole_layer - sum(per_layer.values()))
+    head_s = _timed(lambda: mx.eval(mx.logsumexp(hs @ head_w.T, axis=-1)))
+
+    def forward():
+        out = inner(tokens)[:, -scored:].reshape(-1, head_w.shape[1])
+        return mx.eval(mx.logsumexp(out @ head_w.T, axis=-1))
+
+    forward_s = _timed(forward)
+    parts = {name: t * n_layers for name, t in per_layer.items()}
+    parts["head (scored positions, logsumexp)"] = head_s
+    parts["glue (whole - parts: dispatch, embedding, copies)"] = max(0.0, forward_s - sum(parts.values()))
+
+    model.freeze()
+    linear_to_lora_layers(model, spec["layers"], {"rank": 8, "scale": 20.0, "dropout": 0.0})
+    model.train()
+
+    def loss(m):
+        out = m.model(tokens)[:, -scored:].reshape(-1, head_w.shape[1])
+        return mx.logsumexp(out @ head_w.T, axis=-1).sum()
+
+    grad_fn = nn.value_and_grad(model, loss)
+    backward_s = _timed(lambda: mx.eval(grad_fn(model)))
+    return {"rows": rows, "length": length, "scored": scored, "layers": n_layers, "adapted": spec["layers"],
+            "forward_s": forward_s, "parts_s": parts, "per_layer_s": per_layer, "whole_layer_s": whole_layer,
+            "forward_backward_s": backward_s, "fast_layers": fast_layers.wanted()}
+
+
 def run(spec: dict) -> dict:
-    return {"sgemm": run_sgemm, "step": run_step, "sample": run_sample}[spec["mode"]](spec)
+    return {"sgemm": run_sgemm, "step": run_step, "sample": run_sample, "profile": run_profile}[spec["mode"]](spec)
 
 
 def main(argv=None) -> int:
