@@ -6,8 +6,9 @@ side with mlx-lm-lora when it is installed.
     python benchmarks/bench.py --sections models peer --out results.json
     python benchmarks/bench.py --setup-peer   # installs mlx-lm-lora 5.10.2 into benchmarks/.peer-venv and
                                               # unsloth-zoo 2026.10.9 into benchmarks/.peer-venv-unsloth
-    python benchmarks/bench.py --real [--quick]   # SmolLM2-135M-Instruct side by side with both peers
-                                                  # (~30 minutes; --quick ~10; benchmarks/real.py)
+    python benchmarks/bench.py --real [--real-plan medium]  # SmolLM2-135M-Instruct side by side with both
+                                                  # peers (full: over an hour on 2 cores; medium ~35 min;
+                                                  # quick, also --quick, ~15 min; benchmarks/real.py)
 
 Prints one table per section and writes every number to a JSON file (default benchmarks/out/bench.json).
 Models and data are generated in code (benchmarks/workloads.py) and cached in --work.
@@ -77,6 +78,8 @@ def main(argv=None) -> int:
                    "SmolLM2-135M-Instruct, both peers, sampling, QLoRA, growth; writes benchmarks/out/real.json")
     p.add_argument("--real-sections", nargs="+", metavar="NAME", help="with --real: only these sections "
                    "(sgemm step profile peers sampling qlora growth)")
+    p.add_argument("--real-plan", choices=("full", "medium", "quick"), default="full",
+                   help="with --real: the sizes (benchmarks/real.py RealPlan)")
     args = p.parse_args(argv)
     if args.setup_peer:
         return setup_peer()
@@ -125,8 +128,9 @@ def main_real(args) -> int:
     out_path = Path(args.out) if "--out" in sys.argv else sections.ROOT / "benchmarks" / "out" / "real.json"
     work = Path(args.work) / "real"
     tic = time.perf_counter()
-    results = {"plan": "quick" if args.quick else "full", "machine": machine()}
-    data, _ = real.run(work, args.quick, tuple(args.real_sections or real.ALL))
+    plan = "quick" if args.quick else args.real_plan
+    results = {"plan": plan, "machine": machine()}
+    data, _ = real.run(work, plan, tuple(args.real_sections or real.ALL))
     results.update(data)
     results["seconds"] = time.perf_counter() - tic
     results["load_average_end"] = os.getloadavg()

@@ -63,6 +63,20 @@ class RealPlan:
     growth_layers_at: tuple = (2, 256)
     growth_steps: int = 2
     num_layers: int = 16
+    profile_calls: int = 3
+
+    @classmethod
+    def plan(cls, name: str) -> "RealPlan":
+        """"full" (over an hour on 2 cores: the 8 x 512 step alone takes ~10 min per thread setting), "medium"
+        (the realistic 8 x 512 step and its profile, sampling, the peers and QLoRA at 2 x 256; ~35 min) or
+        "quick" (~15 min)."""
+        return {"full": cls, "medium": cls.medium, "quick": cls.quick}[name]()
+
+    @classmethod
+    def medium(cls) -> "RealPlan":
+        return cls(threads=(1,), peer_batch=2, peer_length=256, profile_calls=1,
+                   growth_points=((1, 128), (2, 128), (2, 256), (4, 256)), growth_layers=(4, 16, 30),
+                   growth_layers_at=(1, 128))
 
     @classmethod
     def quick(cls) -> "RealPlan":
@@ -222,7 +236,8 @@ def section_profile(work: Path, plan: RealPlan, m: dict, best_gflops: float) -> 
 
     rows_n, n = plan.step_batch * 2, plan.step_length
     r = run_child("real_child", {"mode": "profile", "model": m["float32"], "rows": rows_n, "length": n,
-                                 "scored": n // 2, "layers": plan.num_layers}, timeout=3600)
+                                 "scored": n // 2, "layers": plan.num_layers, "calls": plan.profile_calls},
+                  timeout=3600)
     if "error" in r:
         return r, f"profile: {r['error']}\n"
     shape = flops.Shape.from_config(m["float32"])
@@ -365,9 +380,9 @@ def section_growth(work: Path, plan: RealPlan, m: dict) -> tuple[dict, str]:
 ALL = ("sgemm", "step", "profile", "peers", "sampling", "qlora", "growth")
 
 
-def run(work: Path, quick: bool, sections: tuple = ALL) -> tuple[dict, str]:
-    """Every section of the plan; returns (JSON-able results, the printed text)."""
-    plan = RealPlan.quick() if quick else RealPlan()
+def run(work: Path, plan_name: str, sections: tuple = ALL) -> tuple[dict, str]:
+    """Every section of the plan ("full", "medium", "quick"); returns (JSON-able results, the printed text)."""
+    plan = RealPlan.plan(plan_name)
     work.mkdir(parents=True, exist_ok=True)
     m = models()
     out = {"plan": asdict(plan), "models": m, "sections": {}}

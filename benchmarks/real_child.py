@@ -159,7 +159,8 @@ def run_profile(spec: dict) -> dict:
     forward + backward of the same rows through LoRA (the training step's compute without optimizer and
     loss bookkeeping), so the backward's share is visible.
 
-    Spec: model (folder), rows, length, scored (head positions per row), layers (adapted, for the backward).
+    Spec: model (folder), rows, length, scored (head positions per row), layers (adapted, for the backward),
+    calls (timed calls of each part after a warm-up; the median is kept).
     """
     import mlx.core as mx
     import mlx.nn as nn
@@ -170,6 +171,7 @@ def run_profile(spec: dict) -> dict:
     model, _, _ = load_model(spec["model"])
     model.eval()
     rows, length, scored = spec["rows"], spec["length"], spec["scored"]
+    timed = lambda fn: _timed(fn, spec.get("calls", 3))  # noqa: E731
     inner = model.model
     layer = inner.layers[0]
     attn, mlp = layer.self_attn, layer.mlp
@@ -201,18 +203,18 @@ def run_profile(spec: dict) -> dict:
         return sdpa_native(qr, kr, v, cache=None, scale=attn.scale, mask="causal")
 
     per_layer = {
-        "projections (7 matmuls)": _timed(lambda: mx.eval([inputs[w.shape[1]] @ w.T for w in weights])),
-        "attention core (RoPE + causal softmax(QK^T)V)": _timed(lambda: mx.eval(attention_core())),
+        "projections (7 matmuls)": timed(lambda: mx.eval([inputs[w.shape[1]] @ w.T for w in weights])),
+        "attention core (RoPE + causal softmax(QK^T)V)": timed(lambda: mx.eval(attention_core())),
     }
-    whole_layer = _timed(lambda: mx.eval(layer(x, "causal")))
+    whole_layer = timed(lambda: mx.eval(layer(x, "causal")))
     per_layer["norms, SwiGLU, residuals, reshapes"] = max(0.0, whole_layer - sum(per_layer.values()))
-    head_s = _timed(lambda: mx.eval(mx.logsumexp(hs @ head_w.T, axis=-1)))
+    head_s = timed(lambda: mx.eval(mx.logsumexp(hs @ head_w.T, axis=-1)))
 
     def forward():
         out = inner(tokens)[:, -scored:].reshape(-1, head_w.shape[1])
         return mx.eval(mx.logsumexp(out @ head_w.T, axis=-1))
 
-    forward_s = _timed(forward)
+    forward_s = timed(forward)
     parts = {name: t * n_layers for name, t in per_layer.items()}
     parts["head (scored positions, logsumexp)"] = head_s
     parts["glue (whole - parts: dispatch, embedding, copies)"] = max(0.0, forward_s - sum(parts.values()))
@@ -226,7 +228,7 @@ def run_profile(spec: dict) -> dict:
         return mx.logsumexp(out @ head_w.T, axis=-1).sum()
 
     grad_fn = nn.value_and_grad(model, loss)
-    backward_s = _timed(lambda: mx.eval(grad_fn(model)))
+    backward_s = timed(lambda: mx.eval(grad_fn(model)))
     return {"rows": rows, "length": length, "scored": scored, "layers": n_layers, "adapted": spec["layers"],
             "forward_s": forward_s, "parts_s": parts, "per_layer_s": per_layer, "whole_layer_s": whole_layer,
             "forward_backward_s": backward_s, "fast_layers": fast_layers.wanted()}
