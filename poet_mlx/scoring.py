@@ -9,6 +9,7 @@ array per response, in input order.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -42,6 +43,16 @@ def score_sequences(model, sequences: Sequence[tuple[np.ndarray, np.ndarray]], b
     was_training = getattr(model, "training", False)
     model.eval()
     head, halves = output_head(model), feeds_halves(model)
+
+    # Compiled (the model's state as its input, so later weights are seen): MLX fuses the elementwise ops,
+    # which on the Linux CPU backend is what makes them vectorized (`backends.jit`); one trace per shape.
+    @partial(mx.compile, inputs=model.state)
+    def score(groups, positions):
+        logits = packed_logits(model, groups, positions, head)  # (R, V)
+        targets = mx.concatenate([g[:, 1:].reshape(-1) for g in groups])[positions]  # (R,)
+        lp = per_token_logps(logits[None], targets[None])[0]
+        return (lp, token_entropy(logits[None])[0]) if entropy else (lp,)
+
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
     logps: list = [None] * len(sequences)
     ents: list = [None] * len(sequences) if entropy else None
@@ -51,12 +62,8 @@ def score_sequences(model, sequences: Sequence[tuple[np.ndarray, np.ndarray]], b
         starts = np.asarray([len(sequences[i][0]) - 1 for i in idx], np.int32)
         keep = np.asarray([len(sequences[i][1]) for i in idx], np.int32)
         feed = feed_rows(tokens, starts, keep, halves=halves)
-        groups = tuple(mx.array(g) for g in feed.groups)
-        positions = mx.array(feed.positions)
-        logits = packed_logits(model, groups, positions, head)  # (R, V)
-        targets = mx.concatenate([g[:, 1:].reshape(-1) for g in groups])[positions]  # (R,)
-        lp = per_token_logps(logits[None], targets[None])[0]
-        ent = token_entropy(logits[None])[0] if entropy else None
+        lp, *rest = score(tuple(mx.array(g) for g in feed.groups), mx.array(feed.positions))
+        ent = rest[0] if entropy else None
         mx.eval([a for a in (lp, ent) if a is not None])
         for j, per_row in enumerate(unpack_rows(np.asarray(lp), feed.rows, len(idx))):
             logps[idx[j]] = per_row
