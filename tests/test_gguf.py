@@ -19,8 +19,10 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "smollm2-135m-instruct"
-"""Reference outputs of the real SmolLM2 GGUF (the steering checkout's shared/ folder, next to this repo)."""
+FIXTURES = (Path(os.environ.get("POET_MLX_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+            / "fixtures" / "smollm2-135m-instruct")
+"""Reference outputs of the real SmolLM2 GGUF: the shared/ folder next to this repo, or $POET_MLX_SHARED (a
+clone elsewhere skips these tests without it)."""
 
 
 @pytest.fixture(scope="module")
