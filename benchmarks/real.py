@@ -394,6 +394,10 @@ def run(work: Path, plan_name: str, sections: tuple = ALL) -> tuple[dict, str]:
         texts.append(text)
         print(text, flush=True)
 
+    def sgemm_so_far() -> float:
+        """The sgemm section's best numpy rate, NaN where it did not run (yet)."""
+        return out["sections"].get("sgemm", {}).get("result", {}).get("best_numpy_gflops") or float("nan")
+
     best = []
     for name in sections:
         load_start = os.getloadavg()
@@ -402,11 +406,9 @@ def run(work: Path, plan_name: str, sections: tuple = ALL) -> tuple[dict, str]:
         if name == "sgemm":
             data, text = section_sgemm(work, plan, "before the steps")
         elif name == "step":
-            ref = out["sections"].get("sgemm", {}).get("result", {}).get("best_numpy_gflops")
-            data, text = section_step(work, plan, m, ref or float("nan"))
+            data, text = section_step(work, plan, m, sgemm_so_far())
         elif name == "profile":
-            ref = out["sections"].get("sgemm", {}).get("result", {}).get("best_numpy_gflops")
-            data, text = section_profile(work, plan, m, ref or float("nan"))
+            data, text = section_profile(work, plan, m, sgemm_so_far())
         elif name == "peers":
             data, text = section_peers(work, plan, m)
         elif name == "sampling":

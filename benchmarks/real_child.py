@@ -19,14 +19,19 @@ import poet_mlx  # noqa: F401  (first: OpenBLAS before mlx.core, unless POET_MLX
 from benchmarks.report import child_main
 
 
-def _median_rate(fn, flops: float, calls: int = 5) -> float:
+def _timed(fn, calls: int = 3) -> float:
+    """Median seconds of `fn()` (which evaluates its result), after one warm-up call."""
     fn()
     times = []
     for _ in range(calls):
         tic = time.perf_counter()
         fn()
         times.append(time.perf_counter() - tic)
-    return flops / statistics.median(times) / 1e9
+    return statistics.median(times)
+
+
+def _median_rate(fn, flops: float, calls: int = 5) -> float:
+    return flops / _timed(fn, calls) / 1e9
 
 
 def run_sgemm(spec: dict) -> dict:
@@ -139,17 +144,6 @@ def run_sample(spec: dict) -> dict:
             "speedup": tokens / wall / single_tps, "peak_gb": mx.get_peak_memory() / 1e9}
 
 
-def _timed(fn, calls: int = 3) -> float:
-    """Median seconds of `fn()` (which evaluates its result), after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(calls):
-        tic = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
-
-
 def run_profile(spec: dict) -> dict:
     """Where a forward pass at the step's shape (rows x length, the reference pass's work) spends its time:
     the whole forward (trunk + head at the scored positions) against its parts, each timed alone on the same
@@ -166,6 +160,7 @@ def run_profile(spec: dict) -> dict:
     import mlx.nn as nn
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    from poet_mlx.head import output_head
     from poet_mlx.models import load_model
 
     model, _, _ = load_model(spec["model"])
@@ -177,8 +172,7 @@ def run_profile(spec: dict) -> dict:
     attn, mlp = layer.self_attn, layer.mlp
     tokens = mx.random.randint(0, inner.vocab_size, (rows, length))
     x = inner.embed_tokens(tokens)
-    h = layer.input_layernorm(x)
-    mx.eval(x, h)
+    mx.eval(x)
     heads, kv, hd = attn.n_heads, attn.n_kv_heads, attn.q_proj.weight.shape[0] // attn.n_heads
     q = mx.random.normal((rows, heads, length, hd))
     k = mx.random.normal((rows, kv, length, hd))
@@ -188,9 +182,17 @@ def run_profile(spec: dict) -> dict:
     inputs = {w.shape[1]: mx.random.normal((rows * length, w.shape[1])) for w in weights}
     mx.eval(q, k, v, *inputs.values())
     n_layers = len(inner.layers)
-    head_w = inner.embed_tokens.weight if getattr(model.args, "tie_word_embeddings", True) else model.lm_head.weight
-    hs = mx.random.normal((rows * scored, head_w.shape[1]))
+    head = output_head(model)  # the head training uses (tied embedding or lm_head)
+    if head is None:
+        raise SystemExit("profile: the model's output head could not be split from its trunk")
+    hs = mx.random.normal((rows * scored, x.shape[-1]))
     mx.eval(hs)
+
+    def head_lse(hidden):  # (M, D) -> (M,)
+        return mx.logsumexp(head(hidden), axis=-1)
+
+    def last_hidden(m):  # (rows * scored, D): the trunk's output at the scored positions
+        return m.model(tokens)[:, -scored:].reshape(-1, x.shape[-1])
 
     from mlx_lm.models.base import scaled_dot_product_attention as sdpa_native
 
@@ -208,13 +210,8 @@ def run_profile(spec: dict) -> dict:
     }
     whole_layer = timed(lambda: mx.eval(layer(x, "causal")))
     per_layer["norms, SwiGLU, residuals, reshapes"] = max(0.0, whole_layer - sum(per_layer.values()))
-    head_s = timed(lambda: mx.eval(mx.logsumexp(hs @ head_w.T, axis=-1)))
-
-    def forward():
-        out = inner(tokens)[:, -scored:].reshape(-1, head_w.shape[1])
-        return mx.eval(mx.logsumexp(out @ head_w.T, axis=-1))
-
-    forward_s = timed(forward)
+    head_s = timed(lambda: mx.eval(head_lse(hs)))
+    forward_s = timed(lambda: mx.eval(head_lse(last_hidden(model))))
     parts = {name: t * n_layers for name, t in per_layer.items()}
     parts["head (scored positions, logsumexp)"] = head_s
     parts["glue (whole - parts: dispatch, embedding, copies)"] = max(0.0, forward_s - sum(parts.values()))
@@ -223,11 +220,7 @@ def run_profile(spec: dict) -> dict:
     linear_to_lora_layers(model, spec["layers"], {"rank": 8, "scale": 20.0, "dropout": 0.0})
     model.train()
 
-    def loss(m):
-        out = m.model(tokens)[:, -scored:].reshape(-1, head_w.shape[1])
-        return mx.logsumexp(out @ head_w.T, axis=-1).sum()
-
-    grad_fn = nn.value_and_grad(model, loss)
+    grad_fn = nn.value_and_grad(model, lambda m: head_lse(last_hidden(m)).sum())
     backward_s = timed(lambda: mx.eval(grad_fn(model)))
     return {"rows": rows, "length": length, "scored": scored, "layers": n_layers, "adapted": spec["layers"],
             "forward_s": forward_s, "parts_s": parts, "per_layer_s": per_layer, "whole_layer_s": whole_layer,
