@@ -70,6 +70,16 @@ def output_head(model) -> Optional[Head]:
     return head if agree else None
 
 
+def head_is_frozen(model) -> bool:
+    """Whether the module holding the model's output head (`lm_head`, or the tied `embed_tokens`) has no
+    trainable parameters, so that a training step may skip its weight gradient (`logprobs.head_token_logps`).
+    False when there is no such module."""
+    from mlx.utils import tree_flatten
+
+    owner, _ = _candidate(model)
+    return owner is not None and not tree_flatten(owner.trainable_parameters())
+
+
 def _probe(model, head) -> bool:
     """One forward of a few tokens, its trunk output recorded on the way (a 4-bit model on Linux expands all
     its weights per forward, so a second forward would double the probe's cost)."""

@@ -14,7 +14,7 @@ import numpy as np
 
 from .batching import PairBatch, make_feed
 from .config import LossConfig
-from .logprobs import per_token_logps
+from .logprobs import head_token_logps, per_token_logps
 from .losses import mixture
 from .losses.pairwise import PairLogps
 
@@ -23,6 +23,18 @@ def model_token_logps(model, tokens: mx.array) -> mx.array:
     """(N, L) tokens -> (N, L-1) log-probs of tokens[:, 1:] under the model."""
     logits = model(tokens[:, :-1])  # (N, L-1, V)
     return per_token_logps(logits, tokens[:, 1:])
+
+
+def packed_hidden(model, groups, positions) -> mx.array:
+    """(R, D) trunk outputs at the packed response positions (arguments as `packed_logits`; the model must
+    have a verified head, `head.output_head`)."""
+    hidden = [model.model(g[:, :-1]) for g in groups]  # (n_g, L_g - 1, D) each
+    return mx.concatenate([h.reshape(-1, h.shape[-1]) for h in hidden])[positions]
+
+
+def packed_targets(groups, positions) -> mx.array:
+    """(R,) the token that follows each packed response position."""
+    return mx.concatenate([g[:, 1:].reshape(-1) for g in groups])[positions]
 
 
 def packed_logits(model, groups, positions, head=None) -> mx.array:
@@ -40,13 +52,18 @@ def packed_logits(model, groups, positions, head=None) -> mx.array:
     if head is None:
         logits = [model(g[:, :-1]) for g in groups]  # (n_g, L_g - 1, V) each
         return mx.concatenate([x.reshape(-1, x.shape[-1]) for x in logits])[positions]
-    hidden = [model.model(g[:, :-1]) for g in groups]  # (n_g, L_g - 1, D) each
-    return head(mx.concatenate([h.reshape(-1, h.shape[-1]) for h in hidden])[positions])  # (R, V)
+    return head(packed_hidden(model, groups, positions))  # (R, V)
 
 
-def response_token_logps(model, groups, positions, head=None) -> mx.array:
-    """(R,) float32 log-probs of the packed response targets (arguments as `packed_logits`)."""
-    targets = mx.concatenate([g[:, 1:].reshape(-1) for g in groups])[positions]  # (R,)
+def response_token_logps(model, groups, positions, head=None, frozen_head: bool = False) -> mx.array:
+    """(R,) float32 log-probs of the packed response targets (arguments as `packed_logits`).
+
+    frozen_head: the head's weights get no gradient (`head.head_is_frozen`), so a training step computes the
+    head a chunk of rows at a time (`logprobs.head_token_logps`) and never holds the (R, V) logits.
+    """
+    targets = packed_targets(groups, positions)  # (R,)
+    if head is not None and frozen_head:
+        return head_token_logps(head, packed_hidden(model, groups, positions), targets)
     return per_token_logps(packed_logits(model, groups, positions, head)[None], targets[None])[0]
 
 
@@ -104,7 +121,7 @@ def metric_names(objective: LossConfig) -> list[str]:
 
 
 def batch_objective(model, groups, positions, rows, offsets, score_lens, keep_lens, ref_logps,
-                    objective: LossConfig, head=None):
+                    objective: LossConfig, head=None, frozen_head: bool = False):
     """Loss and per-pair metrics for one batch.
 
     Args:
@@ -113,11 +130,12 @@ def batch_objective(model, groups, positions, rows, offsets, score_lens, keep_le
         ref_logps: (2B,) float32 reference sums over the scored tokens (LD-weighted under ld_alpha; ignored by
             reference-free losses).
         head: the verified output head (`head.output_head(model)`), or None for the full forward.
+        frozen_head: for a training step whose head gets no gradient (see `response_token_logps`).
 
     Returns:
         (scalar mean loss, dict of (B,) per-pair metrics with TRL names).
     """
-    token_logps = response_token_logps(model, groups, positions, head)  # (R,)
+    token_logps = response_token_logps(model, groups, positions, head, frozen_head)  # (R,)
     ld = objective.ld_alpha is not None
     shared = shared_lengths(score_lens) if ld else None
     logps = row_sums(token_logps, rows, offsets, score_lens, shared, objective.ld_alpha if ld else 1.0)  # (2B,)

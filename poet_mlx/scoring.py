@@ -38,20 +38,24 @@ def score_sequences(model, sequences: Sequence[tuple[np.ndarray, np.ndarray]], b
 
     from .head import output_head
     from .logprobs import per_token_logps, token_entropy
-    from .objective import feeds_halves, packed_logits
+    from .objective import feeds_halves, packed_hidden, packed_logits, packed_targets
 
     was_training = getattr(model, "training", False)
     model.eval()
     head, halves = output_head(model), feeds_halves(model)
 
+    def values(logits, targets):  # (M, V), (M,) -> (log-probs,) or (log-probs, entropies), (M,) each
+        lp = per_token_logps(logits[None], targets[None])[0]
+        return (lp, token_entropy(logits[None])[0]) if entropy else (lp,)
+
     # Compiled (the model's state as its input, so later weights are seen): MLX fuses the elementwise ops,
     # which on the Linux CPU backend is what makes them vectorized (`backends.jit`); one trace per shape.
     @partial(mx.compile, inputs=model.state)
     def score(groups, positions):
-        logits = packed_logits(model, groups, positions, head)  # (R, V)
-        targets = mx.concatenate([g[:, 1:].reshape(-1) for g in groups])[positions]  # (R,)
-        lp = per_token_logps(logits[None], targets[None])[0]
-        return (lp, token_entropy(logits[None])[0]) if entropy else (lp,)
+        targets = packed_targets(groups, positions)  # (R,)
+        if head is None:
+            return values(packed_logits(model, groups, positions), targets)
+        return head_in_chunks(head, packed_hidden(model, groups, positions), targets, values)
 
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
     logps: list = [None] * len(sequences)
@@ -96,6 +100,33 @@ def pair_token_logps(model, pairs: Sequence[TokenizedPair], batch_size: int, pad
         return None if values is None else list(zip(values[0::2], values[1::2]))
 
     return regroup(logps), regroup(ents)
+
+
+def head_in_chunks(head, hidden, targets, values, chunk_elements: Optional[int] = None) -> tuple:
+    """`values(head(hidden), targets)` computed `chunk_elements // V` rows at a time, each chunk waiting for
+    the previous one, so that without a gradient one chunk of (rows, V) logits is alive at a time instead of
+    all R rows of them (given MLX's run-ahead is bounded: `backends.runahead`).
+
+    Args:
+        hidden: (R, D); targets: (R,); values: (M, V) logits, (M,) targets -> tuple of (M,) arrays.
+
+    Returns:
+        values' tuple, each (R,), concatenated over the chunks.
+    """
+    import mlx.core as mx
+
+    from .logprobs import DEFAULT_CHUNK_ELEMENTS
+
+    chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS
+    vocab = head(hidden[:1]).shape[-1]  # the shape only: never evaluated
+    rows = max(1, chunk_elements // vocab)
+    parts: list = []
+    for s in range(0, hidden.shape[0], rows):
+        h = hidden[s : s + rows]
+        if parts:
+            h = mx.depends(h, parts[-1][0])
+        parts.append(values(head(h), targets[s : s + rows]))
+    return tuple(mx.concatenate(col) if len(parts) > 1 else col[0] for col in zip(*parts))
 
 
 def unpack_rows(packed: np.ndarray, rows: np.ndarray, n_rows: int) -> list[np.ndarray]:

@@ -91,3 +91,26 @@ def test_jit_and_malloc_settings_report_what_they_did():
         x = mx.array(np.linspace(-30, 30, 1001, dtype=np.float32))
         fused = mx.compile(lambda a: a / (1 + mx.exp(-a)) * 2.0)(x)
         assert np.allclose(np.array(fused), np.array(nn.silu(x) * 2.0), rtol=1e-5, atol=1e-6)
+
+
+def test_run_ahead_bound_on_the_linux_cpu_and_its_off_switch(monkeypatch):
+    import sys
+
+    from poet_mlx.backends import runahead
+
+    before = mx.set_memory_limit(1 << 40)
+    try:
+        monkeypatch.setenv(runahead.ENV_SWITCH, "default")
+        assert runahead.bound_run_ahead().startswith("disabled")
+        assert mx.set_memory_limit(1 << 40) == 1 << 40  # left as it was
+        monkeypatch.delenv(runahead.ENV_SWITCH)
+        status = runahead.bound_run_ahead()
+        if sys.platform.startswith("linux") and mx.default_device() == mx.cpu:
+            assert status.startswith("bounded") and mx.set_memory_limit(1 << 40) == 0
+            # Nothing fails above the limit: evaluation only waits for queued work.
+            y = (mx.ones((512, 512)) @ mx.ones((512, 512))).sum()
+            assert y.item() == 512.0 ** 3
+        else:
+            assert not status.startswith("bounded")
+    finally:
+        mx.set_memory_limit(before)

@@ -16,7 +16,8 @@ from mlx.utils import tree_flatten
 from poet_mlx.batching import PACK_MULTIPLE, layout, make_batch, make_feed, packed_size, padding_fraction, row_groups
 from poet_mlx.config import LossConfig
 from poet_mlx.data.tokenization import TokenizedPair
-from poet_mlx.head import output_head
+from poet_mlx import logprobs
+from poet_mlx.head import head_is_frozen, output_head
 from poet_mlx.objective import (
     batch_inputs,
     batch_objective,
@@ -138,9 +139,9 @@ def test_output_head_refused_when_the_forward_does_more():
 # ------------------------------------------------------------------ fast path == plain path
 
 
-def objective_and_grads(model, batch, objective, halves, head):
+def objective_and_grads(model, batch, objective, halves, head, frozen_head=False):
     def loss_fn(m):
-        loss, metrics = batch_objective(m, *batch_inputs(batch, halves=halves), objective, head)
+        loss, metrics = batch_objective(m, *batch_inputs(batch, halves=halves), objective, head, frozen_head)
         return loss, metrics
 
     (loss, metrics), grads = nn.value_and_grad(model, loss_fn)(model)
@@ -150,7 +151,7 @@ def objective_and_grads(model, batch, objective, halves, head):
 
 @pytest.mark.parametrize("loss,poet,sft", [("dpo", False, 0.0), ("dpo", True, 0.0), ("simpo", True, 0.5)])
 @pytest.mark.parametrize("tie", [False, True])
-def test_fast_path_equals_plain_path(loss, poet, sft, tie):
+def test_fast_path_equals_plain_path(loss, poet, sft, tie, monkeypatch):
     model = with_lora(tiny_llama(tie))
     objective = LossConfig(loss, beta=0.1 if loss == "dpo" else 2.0, sft_weight=sft)
     pairs = make_pairs(seed=3)
@@ -161,15 +162,29 @@ def test_fast_path_equals_plain_path(loss, poet, sft, tie):
     batch = make_batch(pairs, [0, 2, 4, 5], layouts, ref if objective.needs_reference else None)
     plain = objective_and_grads(model, batch, objective, halves=False, head=None)
     fast = objective_and_grads(model, batch, objective, halves=True, head=output_head(model))
-    np.testing.assert_allclose(np.array(fast[0]), np.array(plain[0]), rtol=1e-5)
+    assert head_is_frozen(model)  # LoRA: the head's weights are frozen
+    # The frozen-head path (the head's gradient computed in the forward, a chunk at a time) with 3-row chunks.
+    monkeypatch.setattr(logprobs, "DEFAULT_CHUNK_ELEMENTS", 3 * model.args.vocab_size)
+    chunked = objective_and_grads(model, batch, objective, halves=True, head=output_head(model), frozen_head=True)
     assert list(plain[1]) == metric_names(objective)  # the trainer logs exactly these, in this order
-    for name in plain[1]:
-        np.testing.assert_allclose(np.array(fast[1][name]), np.array(plain[1][name]), rtol=1e-5, atol=1e-5)
-    assert plain[2] and set(fast[2]) == set(plain[2])
-    for name, g in plain[2].items():
-        scale = float(np.abs(np.array(g)).max())
-        assert scale > 0, f"{name}: the test needs non-zero gradients"
-        np.testing.assert_allclose(np.array(fast[2][name]), np.array(g), rtol=1e-4, atol=1e-5 * scale)
+    for other in (fast, chunked):
+        np.testing.assert_allclose(np.array(other[0]), np.array(plain[0]), rtol=1e-5)
+        for name in plain[1]:
+            np.testing.assert_allclose(np.array(other[1][name]), np.array(plain[1][name]), rtol=1e-5, atol=1e-5)
+        assert plain[2] and set(other[2]) == set(plain[2])
+        for name, g in plain[2].items():
+            scale = float(np.abs(np.array(g)).max())
+            assert scale > 0, f"{name}: the test needs non-zero gradients"
+            np.testing.assert_allclose(np.array(other[2][name]), np.array(g), rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_head_is_frozen_only_without_trainable_head_weights():
+    untied, tied = with_lora(tiny_llama(False)), with_lora(tiny_llama(True))
+    assert head_is_frozen(untied) and head_is_frozen(tied)
+    untied.lm_head.unfreeze()  # a trained lm_head (full fine-tuning) needs its weight gradient
+    tied.model.embed_tokens.unfreeze()  # the tied embedding is the head
+    assert not head_is_frozen(untied) and not head_is_frozen(tied)
+    assert not head_is_frozen(nn.Linear(4, 4)), "no head module"
 
 
 def test_packed_log_probs_equal_the_full_forward():

@@ -140,3 +140,19 @@ def test_sequence_logps_matches_reference_with_poet_spans():
     got = sequence_logps(per_token_logps(logits, targets), mx.array(starts), mx.array(lengths))
     expected = ref.span_sums(ref.token_logps(exact, np.array(targets)), starts, lengths)
     np.testing.assert_allclose(np.array(got), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_logsumexp_rows_equals_mlx_and_is_stable():
+    """The exp-written logsumexp (what the compiled step fuses) against mx.logsumexp, with huge and -inf
+    logits, chunked and not."""
+    from poet_mlx.logprobs import _row_logsumexp, logsumexp_rows
+
+    x = mx.random.normal((7, 300), key=mx.random.key(0)) * 20
+    x = mx.concatenate([x, mx.array([[1e30] + [0.0] * 299]), mx.array([[-mx.inf] * 299 + [3.0]])])
+    ref = mx.logsumexp(x, axis=-1)
+    assert mx.allclose(logsumexp_rows(x), ref, rtol=1e-6, atol=1e-5).item()
+    for chunk in (300, 301 * 3, 10 ** 6):  # one row per chunk, three rows, everything at once
+        assert mx.allclose(_row_logsumexp(x, chunk), ref, rtol=1e-6, atol=1e-5).item()
+    half = _row_logsumexp(x[:7].astype(mx.float16), 600)
+    assert half.dtype == mx.float32
+    assert mx.allclose(half, mx.logsumexp(x[:7].astype(mx.float16).astype(mx.float32), axis=-1), atol=1e-4).item()

@@ -273,6 +273,24 @@ def test_reference_uses_the_same_k(base, pairs, full_logps):
     np.testing.assert_allclose(metrics["loss"], math.log(2.0), rtol=1e-5)
 
 
+def test_scoring_head_in_chunks_gives_the_same_numbers(base, pairs, full_logps, monkeypatch):
+    """The reference pass computes the head a few rows at a time (`scoring.head_in_chunks`): with chunks of
+    one and of three rows (instead of the whole batch in one), log-probs and entropies are unchanged."""
+    from poet_mlx import logprobs
+    from poet_mlx.scoring import pair_token_logps
+
+    model = base[0]
+    whole_lp, whole_ent = pair_token_logps(model, pairs, batch_size=3, pad_id=PAD_ID, entropy=True)
+    vocab = model.args.vocab_size
+    for rows in (1, 3):
+        monkeypatch.setattr(logprobs, "DEFAULT_CHUNK_ELEMENTS", rows * vocab)
+        lp, ent = pair_token_logps(model, pairs, batch_size=3, pad_id=PAD_ID, entropy=True)
+        for got, want in ((lp, whole_lp), (ent, whole_ent), (lp, full_logps)):
+            for (gc, gr), (wc, wr) in zip(got, want):
+                np.testing.assert_allclose(gc, wc, rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(gr, wr, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ (e) the ratio ablation
 
 

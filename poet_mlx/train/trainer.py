@@ -23,7 +23,7 @@ from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE, enable_grad_checkpoint, sav
 from ..batching import PairSet, batches_per_epoch, epoch_batches
 from ..config import LossConfig, TrainConfig
 from ..errors import PoetError
-from ..head import output_head
+from ..head import head_is_frozen, output_head
 from ..objective import batch_inputs, batch_objective, feeds_halves, metric_names
 from ..reporting import Reporter
 from .checkpoint import MetricsLog, latest_checkpoint, load_checkpoint, resume_command, save_checkpoint, write_error
@@ -73,7 +73,7 @@ class Trainer:
         self.world = world or World()
         if cfg.grad_checkpoint:
             enable_grad_checkpoint(model)
-        self.head, self.halves = output_head(model), feeds_halves(model)
+        self.head, self.halves, self.frozen_head = output_head(model), feeds_halves(model), head_is_frozen(model)
         self.train_set, self.valid_set = train, valid
         self.run, self.adapter_cfg = Path(run), adapter_cfg
         self.reporter = reporter or Reporter()
@@ -105,7 +105,8 @@ class Trainer:
     # -- compiled pieces --------------------------------------------------------------------------------
     def _compile(self):
         objective, model, optimizer = self.objective, self.model, self.optimizer
-        loss_and_grad = nn.value_and_grad(model, partial(batch_objective, objective=objective, head=self.head))
+        step_objective = partial(batch_objective, objective=objective, head=self.head, frozen_head=self.frozen_head)
+        loss_and_grad = nn.value_and_grad(model, step_objective)
         names = metric_names(self.objective)
         grad_state = [model.state, mx.random.state]
 
@@ -140,6 +141,7 @@ class Trainer:
             mx.random.seed(self.cfg.seed * 1_000_003 + self.state.micro)
             local, weight = self._local_share(idx)
             loss, mvec, g = grad_step(*batch_inputs(self.train_set.batch(local, self.pad_id), self.halves))
+            mx.eval(loss, mvec, g)  # alone: with the norm in the same graph, a higher peak (backends/runahead.py)
             g, mvec = weighted_average_tree((g, mvec), weight, self.world)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             sums = mvec if sums is None else sums + mvec
@@ -302,10 +304,8 @@ class Trainer:
 
     def _check_peak_memory(self, log: MetricsLog) -> None:
         """Warn once when the measured peak nears the machine's memory (every reporter and the log see it)."""
-        if any(w["kind"] == "memory" for w in self.state.warnings):
-            return
         message = peak_memory_warning(mx.get_peak_memory())
-        if message:
+        if message and not any(w["kind"] == "memory" for w in self.state.warnings):
             self._warn("memory", message, log)
 
     def _epoch(self) -> float:
