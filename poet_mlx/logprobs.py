@@ -36,6 +36,8 @@ def _row_logsumexp(flat: mx.array, chunk_elements: int) -> mx.array:
     half-precision logits, its float32 copy) is a temporary that the next chunk waits for, so one chunk of
     them is alive at a time, not a second (M, V) array (MLX's run-ahead bounded: `backends.runahead`)."""
     m, v = flat.shape
+    if m == 0:
+        return mx.zeros((0,), mx.float32)
     rows = max(1, chunk_elements // v)
     parts = []
     for s in range(0, m, rows):
@@ -108,6 +110,8 @@ def head_token_logps(head, hidden: mx.array, targets: mx.array, chunk_elements: 
     Returns:
         (R,) float32 log-probs.
     """
+    if hidden.shape[0] == 0:
+        return mx.zeros((0,), mx.float32)
     vocab = head(hidden[:1]).shape[-1]  # the shape only: never evaluated
     rows = max(1, int(chunk_elements or DEFAULT_CHUNK_ELEMENTS) // vocab)
 

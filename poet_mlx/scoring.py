@@ -117,6 +117,8 @@ def head_in_chunks(head, hidden, targets, values, chunk_elements: Optional[int] 
 
     from .logprobs import DEFAULT_CHUNK_ELEMENTS
 
+    if hidden.shape[0] == 0:
+        return values(head(hidden), targets)
     chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS
     vocab = head(hidden[:1]).shape[-1]  # the shape only: never evaluated
     rows = max(1, chunk_elements // vocab)

@@ -156,3 +156,18 @@ def test_logsumexp_rows_equals_mlx_and_is_stable():
     half = _row_logsumexp(x[:7].astype(mx.float16), 600)
     assert half.dtype == mx.float32
     assert mx.allclose(half, mx.logsumexp(x[:7].astype(mx.float16).astype(mx.float32), axis=-1), atol=1e-4).item()
+
+
+def test_no_rows_gives_no_log_probs():
+    """A batch with nothing to score (0 rows) gives empty results on every path, not an error."""
+    from poet_mlx.logprobs import head_token_logps
+    from poet_mlx.scoring import head_in_chunks
+
+    w = mx.random.normal((11, 4), key=mx.random.key(0))
+    head = lambda x: x @ w.T  # noqa: E731
+    h, t = mx.zeros((0, 4)), mx.zeros((0,), mx.int32)
+    assert per_token_logps(mx.zeros((1, 0, 11)), mx.zeros((1, 0), mx.int32)).shape == (1, 0)
+    assert head_token_logps(head, h, t).shape == (0,)
+    assert mx.grad(lambda x: head_token_logps(head, x, t).sum())(h).shape == (0, 4)
+    lp, = head_in_chunks(head, h, t, lambda logits, y: (per_token_logps(logits[None], y[None])[0],))
+    assert lp.shape == (0,)

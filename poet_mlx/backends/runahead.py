@@ -29,8 +29,7 @@ STATUS = "not attempted"
 
 def bound_run_ahead() -> str:
     """Set MLX's memory limit to 0 on the Linux CPU backend (see the module docstring); returns what was done.
-    Called when poet-mlx loads a model (`models.load_model`); a limit set after
-    that stands. Never raises."""
+    Called when poet-mlx loads a model (`models.load_model`); a limit set after that stands. Never raises."""
     global STATUS
     if not sys.platform.startswith("linux"):
         STATUS = "not Linux"
