@@ -1,6 +1,14 @@
 """Fast paths for MLX's CPU backend on Linux: OpenBLAS for matmuls (`blas`), fused kernels built for this CPU
 (`jit`), freed memory kept for reuse (`alloc`), attention and SwiGLU written for the CPU (`fast_layers`),
-dequantize-then-GEMM for 4-bit layers (`fast_quant`)."""
+dequantize-then-GEMM for 4-bit layers (`fast_quant`), MLX's run-ahead bounded (`runahead`)."""
+
+import os
+
+
+def switched_off(env_switch: str, keep_word: str) -> bool:
+    """Whether the environment variable `env_switch` turns a fast path off: `keep_word` (the name of what is
+    kept instead: "default", "native", "reference"), "off", "0" or "no", in any case."""
+    return os.environ.get(env_switch, "").lower() in (keep_word, "off", "0", "no")
 
 
 def enable_process_wide() -> None:

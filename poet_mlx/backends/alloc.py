@@ -18,6 +18,8 @@ import ctypes
 import os
 import sys
 
+from . import switched_off
+
 ENV_SWITCH = "POET_MLX_MALLOC"
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -30,7 +32,7 @@ def keep_freed_memory() -> str:
     global STATUS
     if not sys.platform.startswith("linux"):
         STATUS = "not Linux"
-    elif os.environ.get(ENV_SWITCH, "").lower() in ("default", "off", "0", "no"):
+    elif switched_off(ENV_SWITCH, "default"):
         STATUS = f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
     else:
         try:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..fsutil import cache_root
+from . import switched_off
 
 ENV_SWITCH = "POET_MLX_BLAS"
 ENV_THREADS = "POET_MLX_BLAS_THREADS"
@@ -106,7 +107,7 @@ def enable_fast_blas() -> BlasStatus:
         return STATUS
     if not sys.platform.startswith("linux"):
         STATUS = BlasStatus(False, "not Linux: MLX uses Metal/Accelerate")
-    elif os.environ.get(ENV_SWITCH, "").lower() in ("reference", "off", "0", "no"):
+    elif switched_off(ENV_SWITCH, "reference"):
         STATUS = BlasStatus(False, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
     elif "mlx.core" in sys.modules:
         STATUS = BlasStatus(False, "mlx.core was imported before poet_mlx; MLX keeps its reference BLAS")

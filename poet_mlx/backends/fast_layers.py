@@ -28,10 +28,11 @@ macOS or on a GPU.
 
 from __future__ import annotations
 
-import os
 import sys
 import types
 from functools import lru_cache
+
+from . import switched_off
 
 ENV_SWITCH = "POET_MLX_LAYERS"
 BLOCK = 128
@@ -42,7 +43,7 @@ def wanted() -> bool:
     """True on Linux with MLX's default device the CPU, unless switched off."""
     if not sys.platform.startswith("linux"):
         return False
-    if os.environ.get(ENV_SWITCH, "").lower() in ("native", "off", "0", "no"):
+    if switched_off(ENV_SWITCH, "native"):
         return False
     import mlx.core as mx
 

@@ -17,9 +17,10 @@ Only the affine mode (mlx-community's 2/3/4/6/8-bit models) is accelerated; othe
 
 from __future__ import annotations
 
-import os
 import sys
 from functools import lru_cache
+
+from . import switched_off
 
 ENV_SWITCH = "POET_MLX_QUANT_MATMUL"
 
@@ -28,7 +29,7 @@ def wanted() -> bool:
     """True where the fast path applies: Linux, MLX's default device is the CPU, and not switched off."""
     if not sys.platform.startswith("linux"):
         return False
-    if os.environ.get(ENV_SWITCH, "").lower() in ("native", "off", "0", "no"):
+    if switched_off(ENV_SWITCH, "native"):
         return False
     import mlx.core as mx
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from . import switched_off
+
 ENV_SWITCH = "POET_MLX_JIT"
 FLAGS = ("-march=native", "-fno-math-errno", "-fno-trapping-math", "--param", "max-inline-insns-single=2000",
          "--param", "max-inline-insns-auto=2000", "--param", "early-inlining-insns=500")
@@ -73,7 +75,7 @@ def enable_fast_jit() -> JitStatus:
     if not sys.platform.startswith("linux"):
         STATUS = JitStatus(False, "not Linux")
         return STATUS
-    if os.environ.get(ENV_SWITCH, "").lower() in ("default", "off", "0", "no"):
+    if switched_off(ENV_SWITCH, "default"):
         STATUS = JitStatus(False, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
         return STATUS
     compiler = shutil.which("g++")

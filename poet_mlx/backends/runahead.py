@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 import sys
 
+from . import switched_off
+
 ENV_SWITCH = "POET_MLX_RUNAHEAD"
 
 STATUS = "not attempted"
@@ -33,7 +35,7 @@ def bound_run_ahead() -> str:
     global STATUS
     if not sys.platform.startswith("linux"):
         STATUS = "not Linux"
-    elif os.environ.get(ENV_SWITCH, "").lower() in ("default", "off", "0", "no"):
+    elif switched_off(ENV_SWITCH, "default"):
         STATUS = f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
     else:
         import mlx.core as mx
