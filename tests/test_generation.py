@@ -191,6 +191,22 @@ def test_seeded_sampler_draws_from_the_tempered_distribution():
     assert first != [c(logprobs).item() for _ in range(40)]
 
 
+def test_inverse_cdf_draw_never_draws_an_excluded_token():
+    import mlx.core as mx
+
+    from poet_mlx.generate.sampling import inverse_cdf_draw
+
+    # Rows: excluded tokens (-inf) at both ends and in between; one token only; logits, not log-probs.
+    logprobs = mx.array([[-np.inf, 0.0, -np.inf, 0.0, -np.inf], [-np.inf, -np.inf, 3.0, -np.inf, -np.inf],
+                         [5.0, 5.0, 5.0, 5.0, 5.0]])
+    one = mx.array(1.0)
+    for u, want in ((0.0, [1, 2, 0]), (0.49, [1, 2, 2]), (0.5, [3, 2, 2]), (1 - 2 ** -24, [3, 2, 4])):
+        got = inverse_cdf_draw(logprobs, mx.full((3, 1), u), one)
+        assert got.dtype == mx.uint32 and got.tolist() == want, (u, got.tolist())
+    # A low temperature sharpens: at 1/T = 100 the larger logit takes (almost) all the mass.
+    assert inverse_cdf_draw(mx.array([[0.0, 0.1]]), mx.array(0.001), mx.array(100.0)).tolist() == [1]
+
+
 def test_implicit_judge_is_the_runs_dpo_reward(tiny_model_dir, trained_run):
     import mlx.core as mx
     from mlx_lm.utils import load
