@@ -18,8 +18,11 @@ from typing import Optional
 
 import mlx.core as mx
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
-"""Logits handled at once by the chunked computations here and in `scoring.head_in_chunks` (64 MiB of float32)."""
+DEFAULT_CHUNK_ELEMENTS = 1 << 23
+"""Logits handled at once by the chunked computations here and in `scoring.head_in_chunks` (32 MiB of float32).
+Measured on SmolLM2-135M (V = 49,152), DPO+POET at 2 x 256 with --grad-checkpoint: halving it from 1 << 24
+lowered the training peak 0.78 -> 0.75 GB (float32) and 0.43 -> 0.34 GB (4-bit: each chunk also holds the
+head's dequantized block), step time unchanged for float32."""
 
 
 def logsumexp_rows(x: mx.array) -> mx.array:

@@ -96,6 +96,19 @@ def _quantized(n: int, k: int, seed: int):
     return mx.quantize(w, 64, 4)
 
 
+@pytest.mark.parametrize("bits,group_size,scale_dtype", [(4, 32, mx.float32), (4, 64, mx.float16), (2, 128, mx.float32),
+                                                         (8, 32, mx.bfloat16), (3, 64, mx.float32), (6, 32, mx.float16)])
+def test_affine_dequantizer_equals_mx_dequantize(bits, group_size, scale_dtype):
+    w = mx.random.normal((40, 256), key=mx.random.key(bits)) * 3
+    wq, s, b = mx.quantize(w, group_size, bits)
+    s, b = s.astype(scale_dtype), b.astype(scale_dtype)
+    # Half-precision scales are widened first: MLX's kernel computes in the scales' dtype, this in float32.
+    want = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size, bits, dtype=mx.float32)
+    got = fast_quant.affine_dequantizer(group_size, bits)(wq, s, b)
+    assert got.dtype == mx.float32 and got.shape == (40, 256)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("blocks", [False, True])
 def test_dequantized_matmul_equals_quantized_matmul_with_its_gradient(monkeypatch, blocks):
     if blocks:  # several output blocks, the last one ragged

@@ -18,7 +18,7 @@ Only the affine mode (mlx-community's 2/3/4/6/8-bit models) is accelerated; othe
 from __future__ import annotations
 
 import sys
-from functools import lru_cache
+from functools import lru_cache, partial
 
 from . import switched_off
 
@@ -47,6 +47,37 @@ def _blocks(n: int, k: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + rows)) for s in range(0, n, rows)]
 
 
+def _unpack_affine(w, scales, biases, group_size: int, bits: int):
+    """mx.dequantize's affine mode in elementwise ops: value = scale * q + bias, q the `bits`-bit fields of
+    each uint32, lowest bits first. Shapes: w (n, in * bits / 32), scales and biases (n, in / group_size)."""
+    import mlx.core as mx
+
+    per_word = 32 // bits
+    shifts = mx.arange(per_word, dtype=mx.uint32) * bits
+    q = (w[..., None] >> shifts) & ((1 << bits) - 1)  # (n, in / per_word, per_word)
+    q = q.reshape(w.shape[0], -1, group_size).astype(mx.float32)
+    values = q * scales[..., None].astype(mx.float32) + biases[..., None].astype(mx.float32)
+    return values.reshape(w.shape[0], -1)
+
+
+@lru_cache(maxsize=None)
+def affine_dequantizer(group_size: int, bits: int):
+    """(w, scales, biases) -> the float32 (n, in) weight, as `mx.dequantize(..., mode="affine")` gives it
+    from float32 scales and biases (to rounding: it may fuse the multiply-add). Half-precision scales are
+    widened first, so the values are computed in float32 (MLX's kernel computes in the scales' dtype).
+
+    For 2, 4 and 8 bits this is `_unpack_affine` compiled: one fused, vectorized kernel, 2.3-2.6x faster than
+    `mx.dequantize`'s CPU kernel (measured on a 49152 x 576 matrix, 2 cores: 183 -> 79 ms at 4 bits, group
+    32). Widths that straddle words (3, 5, 6 bits) keep `mx.dequantize`.
+    """
+    import mlx.core as mx
+
+    if 32 % bits:
+        return lambda w, scales, biases: mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32),
+                                                       group_size, bits, mode="affine", dtype=mx.float32)
+    return mx.compile(partial(_unpack_affine, group_size=group_size, bits=bits))
+
+
 @lru_cache(maxsize=None)
 def dequantized_matmul(group_size: int, bits: int):
     """A function (x, w, scales, biases) -> x @ dequantize(w).T in float32, with a recomputing VJP.
@@ -59,10 +90,10 @@ def dequantized_matmul(group_size: int, bits: int):
     """
     import mlx.core as mx
 
+    unpack = affine_dequantizer(group_size, bits)
+
     def expand(w, scales, biases, s, e, after):
-        w = mx.depends(w[s:e], after)
-        return mx.dequantize(w, scales[s:e], biases[s:e], group_size, bits, mode="affine",
-                             dtype=mx.float32)  # (e - s, in)
+        return unpack(mx.depends(w[s:e], after), scales[s:e], biases[s:e])  # (e - s, in)
 
     @mx.custom_function
     def f(x, w, scales, biases):
