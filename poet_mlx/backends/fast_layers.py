@@ -10,12 +10,16 @@ the same numbers another way:
   triangle is mostly never computed (10/16 of the scores at T = 512, BLOCK = 128);
 - exp(s - max) as one fused elementwise kernel (`jit` builds it vectorized), and the normalizer from the
   value matmul itself: [V | 1] gives the output and the row sums together, so the (T, T) matrix is never
-  summed or divided.
+  summed or divided;
+- a backward that recomputes each block's softmax from the queries, keys and the rows' logsumexp (a custom
+  VJP, as in FlashAttention) instead of keeping every block's softmax weights, about a (T, T) array per
+  head and row (at 16 x 512 tokens, SmolLM2: 94 MB a layer, 2.8 GB a step).
 SwiGLU's `silu(g) * x` uses `mx.sigmoid`, whose output the backward pass keeps, so MLX runs it as its scalar
 prebuilt kernel even inside `mx.compile`; `g / (1 + exp(-g)) * x` fuses into one vectorized kernel.
 
 Measured on 2 cores, 16 x 512 tokens, SmolLM2's 9/3 heads: attention forward + backward 1,045 ms ->
-450 ms; see `benchmarks/real.py` for whole steps. Both agree with the originals to float32 rounding
+450 ms; the recomputing backward then lowered a DPO step's peak at 2 x 256 from 1.66 to 1.53 GB, time
+unchanged (7.9-8.5 s against 7.9-8.0 s, alternating runs); see `benchmarks/real.py` for whole steps. Both agree with the originals to float32 rounding
 (attention ~1e-6, `tests/test_fast_layers.py`).
 
 `accelerate_layers(model)` gives each attention or MLP module whose class calls mlx-lm's
@@ -51,7 +55,7 @@ def wanted() -> bool:
 
 
 def causal_attention(queries, keys, values, scale: float, block: int = BLOCK):
-    """softmax(q k^T * scale + causal mask) v, in query blocks.
+    """softmax(q k^T * scale + causal mask) v, in query blocks, with a recomputing backward.
 
     Args:
         queries: (B, H, T, D); keys, values: (B, KV, T, D) with H a multiple of KV (grouped-query heads).
@@ -59,27 +63,90 @@ def causal_attention(queries, keys, values, scale: float, block: int = BLOCK):
     Returns:
         (B, H, T, D), in the queries' dtype.
     """
-    import mlx.core as mx
-
     b, h, t, d = queries.shape
     kv = keys.shape[1]
-    g = h // kv
-    q = (queries * scale).reshape(b, kv, g, t, d)  # the g query heads of each key/value head together
-    v1 = mx.concatenate([values, mx.ones((b, kv, t, 1), values.dtype)], axis=-1)  # (B, KV, T, D + 1)
-    outs = []
-    for s in range(0, t, block):
-        e = min(t, s + block)
-        n = e - s
-        qb = q[:, :, :, s:e].reshape(b, kv, g * n, d)
-        scores = (qb @ keys[:, :, :e].swapaxes(-1, -2)).reshape(b, kv, g, n, e)  # keys up to the block's end
-        causal = mx.arange(e)[None, :] <= mx.arange(s, e)[:, None]  # (n, e)
-        scores = mx.where(causal, scores, -mx.inf)
-        top = mx.stop_gradient(scores.max(axis=-1, keepdims=True))
-        weights = mx.exp(scores - top).reshape(b, kv, g * n, e)
-        o = weights @ v1[:, :, :e]  # (B, KV, g n, D + 1): unnormalized output and the row sums
-        outs.append((o[..., :d] / o[..., d:]).reshape(b, kv, g, n, d))
-    out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=3)
+    q = (queries * scale).reshape(b, kv, h // kv, t, d)  # the g query heads of each key/value head together
+    out = _attend(block)(q, keys, values)[0]
     return out.reshape(b, h, t, d).astype(queries.dtype)
+
+
+def _spans(t: int, block: int) -> list[tuple[int, int]]:
+    return [(s, min(t, s + block)) for s in range(0, t, block)]
+
+
+def _block_scores(q, keys, s: int, e: int):
+    """Scaled scores of query rows [s, e) against keys [0, e), causally masked: (B, KV, g (e - s), e)."""
+    import mlx.core as mx
+
+    b, kv, g, _, d = q.shape
+    qb = q[:, :, :, s:e].reshape(b, kv, g * (e - s), d)
+    scores = (qb @ keys[:, :, :e].swapaxes(-1, -2)).reshape(b, kv, g, e - s, e)
+    causal = mx.arange(e)[None, :] <= mx.arange(s, e)[:, None]  # (e - s, e)
+    return qb, mx.where(causal, scores, -mx.inf).reshape(b, kv, g * (e - s), e)
+
+
+def _pad_rows(x, t: int):
+    """(B, KV, e, D) -> (B, KV, t, D), zeros below: a block's contribution to the key/value gradients."""
+    import mlx.core as mx
+
+    e = x.shape[2]
+    return x if e == t else mx.pad(x, [(0, 0), (0, 0), (0, t - e), (0, 0)])
+
+
+@lru_cache(maxsize=None)
+def _attend(block: int):
+    """A custom function (q, keys, values) -> (out, lse): blocked causal attention of pre-scaled queries
+    q (B, KV, g, T, D) over keys, values (B, KV, T, D); out (B, KV, g, T, D), lse (B, KV, g, T) the
+    logsumexp of each row's scores.
+
+    The backward recomputes each block's softmax from the queries, keys and `lse` (as FlashAttention
+    does) instead of keeping it: the forward saves (T, D)-sized arrays only, where autodiff kept every
+    block's (g n, e) weights (16 x 512 tokens, SmolLM2: 94 MB a layer). Per block, with P the softmax and
+    dO the output's cotangent: dV += P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dq = dS K,
+    dK += dS^T q. Blocks run one after another (`mx.depends`): one block's (g n, e) temporaries at a time.
+    """
+    import mlx.core as mx
+
+    @mx.custom_function
+    def attend(q, keys, values):
+        b, kv, g, t, d = q.shape
+        v1 = mx.concatenate([values, mx.ones((b, kv, t, 1), values.dtype)], axis=-1)  # (B, KV, T, D + 1)
+        outs, lses = [], []
+        for s, e in _spans(t, block):
+            n = e - s
+            _, scores = _block_scores(q, keys, s, e)
+            top = mx.stop_gradient(scores.max(axis=-1, keepdims=True))
+            o = mx.exp(scores - top) @ v1[:, :, :e]  # (B, KV, g n, D + 1): unnormalized output and row sums
+            outs.append((o[..., :d] / o[..., d:]).reshape(b, kv, g, n, d))
+            lses.append((top + mx.log(o[..., d:])).reshape(b, kv, g, n))
+        if len(outs) == 1:
+            return outs[0], lses[0]
+        return mx.concatenate(outs, axis=3), mx.concatenate(lses, axis=3)
+
+    @attend.vjp
+    def attend_vjp(primals, cotangents, outputs):
+        q, keys, values = primals
+        d_out = cotangents[0]  # the lse output is internal: its cotangent is unused
+        out, lse = outputs
+        b, kv, g, t, d = q.shape
+        delta = (d_out * out).sum(axis=-1)  # (B, KV, g, T): rowsum(dO * O)
+        dqs, dk, dv, after = [], None, None, d_out
+        for s, e in _spans(t, block):
+            n = e - s
+            qb, scores = _block_scores(mx.depends(q, after), keys, s, e)
+            p = mx.exp(scores - lse[:, :, :, s:e].reshape(b, kv, g * n, 1))  # (B, KV, g n, e); masked -> 0
+            do = d_out[:, :, :, s:e].reshape(b, kv, g * n, d)
+            ds = p * (do @ values[:, :, :e].swapaxes(-1, -2) - delta[:, :, :, s:e].reshape(b, kv, g * n, 1))
+            dqs.append((ds @ keys[:, :, :e]).reshape(b, kv, g, n, d))
+            dk_b = _pad_rows(ds.swapaxes(-1, -2) @ qb, t)
+            dv_b = _pad_rows(p.swapaxes(-1, -2) @ do, t)
+            dk = dk_b if dk is None else dk + dk_b
+            dv = dv_b if dv is None else dv + dv_b
+            after = dqs[-1]
+        dq = dqs[0] if len(dqs) == 1 else mx.concatenate(dqs, axis=3)
+        return dq, dk.astype(keys.dtype), dv.astype(values.dtype)
+
+    return attend
 
 
 def _sdpa(queries, keys, values, cache, scale, mask, sinks=None):
