@@ -191,20 +191,15 @@ def test_seeded_sampler_draws_from_the_tempered_distribution():
     assert first != [c(logprobs).item() for _ in range(40)]
 
 
-def test_inverse_cdf_draw_never_draws_an_excluded_token():
+def test_gumbel_max_draw_never_draws_an_excluded_token():
     import mlx.core as mx
 
-    from poet_mlx.generate.sampling import inverse_cdf_draw
+    from poet_mlx.generate.sampling import gumbel_max_draw
 
-    # Rows: excluded tokens (-inf) at both ends and in between; one token only; logits, not log-probs.
-    logprobs = mx.array([[-np.inf, 0.0, -np.inf, 0.0, -np.inf], [-np.inf, -np.inf, 3.0, -np.inf, -np.inf],
-                         [5.0, 5.0, 5.0, 5.0, 5.0]])
-    one = mx.array(1.0)
-    for u, want in ((0.0, [1, 2, 0]), (0.49, [1, 2, 2]), (0.5, [3, 2, 2]), (1 - 2 ** -24, [3, 2, 4])):
-        got = inverse_cdf_draw(logprobs, mx.full((3, 1), u), one)
-        assert got.dtype == mx.uint32 and got.tolist() == want, (u, got.tolist())
-    # A low temperature sharpens: at 1/T = 100 the larger logit takes (almost) all the mass.
-    assert inverse_cdf_draw(mx.array([[0.0, 0.1]]), mx.array(0.001), mx.array(100.0)).tolist() == [1]
+    logprobs = mx.array([[-np.inf, 0.0, -np.inf, 0.0, -np.inf], [-np.inf, -np.inf, 3.0, -np.inf, -np.inf]])
+    draws = np.array([gumbel_max_draw(logprobs, mx.random.key(i), mx.array(1.0)).tolist() for i in range(200)])
+    assert set(draws[:, 0]) == {1, 3} and set(draws[:, 1]) == {2}
+    assert gumbel_max_draw(logprobs, mx.random.key(0), mx.array(1.0)).dtype == mx.uint32
 
 
 def test_implicit_judge_is_the_runs_dpo_reward(tiny_model_dir, trained_run):
