@@ -97,7 +97,8 @@ def _quantized(n: int, k: int, seed: int):
 
 
 @pytest.mark.parametrize("bits,group_size,scale_dtype", [(4, 32, mx.float32), (4, 64, mx.float16), (2, 128, mx.float32),
-                                                         (8, 32, mx.bfloat16), (3, 64, mx.float32), (6, 32, mx.float16)])
+                                                         (8, 32, mx.bfloat16), (3, 64, mx.float32),
+                                                         (6, 32, mx.float16)])
 def test_affine_dequantizer_equals_mx_dequantize(bits, group_size, scale_dtype):
     w = mx.random.normal((40, 256), key=mx.random.key(bits)) * 3
     wq, s, b = mx.quantize(w, group_size, bits)

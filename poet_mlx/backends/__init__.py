@@ -3,6 +3,17 @@
 dequantize-then-GEMM for 4-bit layers (`fast_quant`), MLX's run-ahead bounded (`runahead`)."""
 
 import os
+import sys
+
+
+def on_linux_cpu() -> bool:
+    """True on Linux with MLX's default device the CPU, where the CPU fast paths apply (on macOS MLX runs on
+    Metal and Accelerate). Imports `mlx.core`: not for the hooks that must run before it (`blas`, `jit`)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import mlx.core as mx
+
+    return mx.default_device() == mx.cpu
 
 
 def switched_off(env_switch: str, keep_word: str) -> bool:

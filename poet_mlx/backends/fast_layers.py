@@ -19,8 +19,8 @@ prebuilt kernel even inside `mx.compile`; `g / (1 + exp(-g)) * x` fuses into one
 
 Measured on 2 cores, 16 x 512 tokens, SmolLM2's 9/3 heads: attention forward + backward 1,045 ms ->
 450 ms; the recomputing backward then lowered a DPO step's peak at 2 x 256 from 1.66 to 1.53 GB, time
-unchanged (7.9-8.5 s against 7.9-8.0 s, alternating runs); see `benchmarks/real.py` for whole steps. Both agree with the originals to float32 rounding
-(attention ~1e-6, `tests/test_fast_layers.py`).
+unchanged (7.9-8.5 s against 7.9-8.0 s, alternating runs); see `benchmarks/real.py` for whole steps.
+Both agree with the originals to float32 rounding (attention ~1e-6, `tests/test_fast_layers.py`).
 
 `accelerate_layers(model)` gives each attention or MLP module whose class calls mlx-lm's
 `scaled_dot_product_attention` or `swiglu` a subclass that calls these instead (the class's own `__call__`
@@ -32,11 +32,10 @@ macOS or on a GPU.
 
 from __future__ import annotations
 
-import sys
 import types
 from functools import lru_cache
 
-from . import switched_off
+from . import on_linux_cpu, switched_off
 
 ENV_SWITCH = "POET_MLX_LAYERS"
 BLOCK = 128
@@ -45,13 +44,7 @@ BLOCK = 128
 
 def wanted() -> bool:
     """True on Linux with MLX's default device the CPU, unless switched off."""
-    if not sys.platform.startswith("linux"):
-        return False
-    if switched_off(ENV_SWITCH, "native"):
-        return False
-    import mlx.core as mx
-
-    return mx.default_device() == mx.cpu
+    return not switched_off(ENV_SWITCH, "native") and on_linux_cpu()
 
 
 def causal_attention(queries, keys, values, scale: float, block: int = BLOCK):
@@ -115,7 +108,7 @@ def _attend(block: int):
         for s, e in _spans(t, block):
             n = e - s
             _, scores = _block_scores(q, keys, s, e)
-            top = mx.stop_gradient(scores.max(axis=-1, keepdims=True))
+            top = scores.max(axis=-1, keepdims=True)
             o = mx.exp(scores - top) @ v1[:, :, :e]  # (B, KV, g n, D + 1): unnormalized output and row sums
             outs.append((o[..., :d] / o[..., d:]).reshape(b, kv, g, n, d))
             lses.append((top + mx.log(o[..., d:])).reshape(b, kv, g, n))

@@ -17,23 +17,16 @@ Only the affine mode (mlx-community's 2/3/4/6/8-bit models) is accelerated; othe
 
 from __future__ import annotations
 
-import sys
 from functools import lru_cache, partial
 
-from . import switched_off
+from . import on_linux_cpu, switched_off
 
 ENV_SWITCH = "POET_MLX_QUANT_MATMUL"
 
 
 def wanted() -> bool:
     """True where the fast path applies: Linux, MLX's default device is the CPU, and not switched off."""
-    if not sys.platform.startswith("linux"):
-        return False
-    if switched_off(ENV_SWITCH, "native"):
-        return False
-    import mlx.core as mx
-
-    return mx.default_device() == mx.cpu
+    return not switched_off(ENV_SWITCH, "native") and on_linux_cpu()
 
 
 BLOCK_ELEMENTS = 1 << 23

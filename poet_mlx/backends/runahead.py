@@ -20,9 +20,8 @@ any is pending. Not on macOS: on the GPU, queued command buffers are what keep i
 from __future__ import annotations
 
 import os
-import sys
 
-from . import switched_off
+from . import on_linux_cpu, switched_off
 
 ENV_SWITCH = "POET_MLX_RUNAHEAD"
 
@@ -33,16 +32,13 @@ def bound_run_ahead() -> str:
     """Set MLX's memory limit to 0 on the Linux CPU backend (see the module docstring); returns what was done.
     Called when poet-mlx loads a model (`models.load_model`); a limit set after that stands. Never raises."""
     global STATUS
-    if not sys.platform.startswith("linux"):
-        STATUS = "not Linux"
-    elif switched_off(ENV_SWITCH, "default"):
+    if switched_off(ENV_SWITCH, "default"):
         STATUS = f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
+    elif not on_linux_cpu():
+        STATUS = "not Linux with MLX on the CPU"
     else:
         import mlx.core as mx
 
-        if mx.default_device() != mx.cpu:
-            STATUS = "not the CPU backend"
-        else:
-            mx.set_memory_limit(0)
-            STATUS = "bounded (memory limit 0: eval waits for queued work)"
+        mx.set_memory_limit(0)
+        STATUS = "bounded (memory limit 0: eval waits for queued work)"
     return STATUS
