@@ -112,10 +112,11 @@ def dequantized_matmul(group_size: int, bits: int):
     return f
 
 
-NATIVE_BELOW_ROWS = 6
+NATIVE_BELOW_ROWS = 3
 """Inputs with fewer rows (tokens) than this keep MLX's kernel: generating one token per reply, expanding the
-whole weight costs more than the scalar product (measured on a 1536x576 4-bit matrix, 2 cores: 0.55 ms native
-vs 2.6 ms expanded for 1 row, equal near 5 rows, 8.6 vs 2.9 ms for 16)."""
+whole weight costs more than the scalar product (measured on a 1536x576 4-bit matrix, group 32, 2 cores, with
+the compiled expansion: 0.9-1.7 ms native vs 3.7-3.9 ms expanded for 1 row, about equal at 2-3 rows,
+17-20 vs 2.0-2.7 ms for 16; with `mx.dequantize` the crossover was near 5 rows)."""
 
 
 def _rows(x) -> int:
