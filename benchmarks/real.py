@@ -347,7 +347,7 @@ def section_qlora(work: Path, plan: RealPlan, m: dict, fp32: Optional[dict]) -> 
     summary = (f"4-bit / float32: peak {out['memory_ratio'] or float('nan'):.2f}x, step time "
                f"{out['time_ratio'] or float('nan'):.2f}x")
     if plan.checkpoint_rows:
-        qc, fc = cases[3][1], cases[2][1]
+        qc, fc = dict(cases)["4-bit g32, grad ckpt"], dict(cases)["float32, grad ckpt"]
         out["memory_ratio_ckpt"] = ratio(_peak(qc), _peak(fc))
         out["time_ratio_ckpt"] = ratio(qc.get("step_s"), fc.get("step_s"))
         summary += (f"; both with grad ckpt: peak {out['memory_ratio_ckpt'] or float('nan'):.2f}x, step time "
