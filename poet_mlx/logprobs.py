@@ -90,6 +90,14 @@ def per_token_logps(logits: mx.array, targets: mx.array, chunk_elements: int = D
     return flat.reshape(n, t)
 
 
+def head_chunk_rows(head, hidden: mx.array, chunk_elements: Optional[int] = None) -> int:
+    """Rows of `hidden` (R, D) per chunk, so that a chunk's `head` logits hold about `chunk_elements` values
+    (default DEFAULT_CHUNK_ELEMENTS); at least 1. The head's width comes from a lazy call on one row that is
+    never evaluated."""
+    vocab = head(hidden[:1]).shape[-1]
+    return max(1, int(chunk_elements or DEFAULT_CHUNK_ELEMENTS) // vocab)
+
+
 def head_token_logps(head, hidden: mx.array, targets: mx.array, chunk_elements: Optional[int] = None) -> mx.array:
     """Log-probability of each target under `head(hidden)`, for a training step through a frozen head.
 
@@ -115,8 +123,7 @@ def head_token_logps(head, hidden: mx.array, targets: mx.array, chunk_elements: 
     """
     if hidden.shape[0] == 0:
         return mx.zeros((0,), mx.float32)
-    vocab = head(hidden[:1]).shape[-1]  # the shape only: never evaluated
-    rows = max(1, int(chunk_elements or DEFAULT_CHUNK_ELEMENTS) // vocab)
+    rows = head_chunk_rows(head, hidden, chunk_elements)
 
     @mx.custom_function
     def logps_and_grad(h, y):
@@ -131,7 +138,7 @@ def head_token_logps(head, hidden: mx.array, targets: mx.array, chunk_elements: 
             total = e.sum(axis=-1, keepdims=True)
             target = mx.take_along_axis(logits, y_c[:, None], axis=-1)
             parts.append((target - top - mx.log(total))[:, 0])
-            onehot = mx.arange(vocab)[None, :] == y_c[:, None]
+            onehot = mx.arange(logits.shape[-1])[None, :] == y_c[:, None]
             # After this chunk's log-probs: else MLX evaluates every chunk's log-probs first, keeping all
             # the chunks' logits alive for their gradients.
             d_logits = mx.depends((onehot - e / total).astype(h.dtype), parts[-1])  # d log p(y) / d logits

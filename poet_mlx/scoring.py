@@ -115,13 +115,11 @@ def head_in_chunks(head, hidden, targets, values, chunk_elements: Optional[int] 
     """
     import mlx.core as mx
 
-    from .logprobs import DEFAULT_CHUNK_ELEMENTS
+    from .logprobs import head_chunk_rows
 
     if hidden.shape[0] == 0:
         return values(head(hidden), targets)
-    chunk_elements = chunk_elements or DEFAULT_CHUNK_ELEMENTS
-    vocab = head(hidden[:1]).shape[-1]  # the shape only: never evaluated
-    rows = max(1, chunk_elements // vocab)
+    rows = head_chunk_rows(head, hidden, chunk_elements)
     parts: list = []
     for s in range(0, hidden.shape[0], rows):
         h = hidden[s : s + rows]
