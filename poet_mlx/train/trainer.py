@@ -304,8 +304,8 @@ class Trainer:
 
     def _check_peak_memory(self, log: MetricsLog) -> None:
         """Warn once when the measured peak nears the machine's memory (every reporter and the log see it)."""
-        message = peak_memory_warning(mx.get_peak_memory())
-        if message and not any(w["kind"] == "memory" for w in self.state.warnings):
+        warned = any(w["kind"] == "memory" for w in self.state.warnings)  # then no need to measure again
+        if not warned and (message := peak_memory_warning(mx.get_peak_memory())):
             self._warn("memory", message, log)
 
     def _epoch(self) -> float:
