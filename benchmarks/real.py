@@ -263,6 +263,11 @@ def section_profile(work: Path, plan: RealPlan, m: dict, best_gflops: float) -> 
     return r, text
 
 
+def _peak(r: dict) -> float:
+    """A run's peak: the larger of training and the reference pass."""
+    return r.get("peak_all_gb") or max(r.get("peak_train_gb", 0), r.get("peak_before_train_gb", 0))
+
+
 def section_peers(work: Path, plan: RealPlan, m: dict) -> tuple[list, str]:
     b, n, s, layers = plan.peer_batch, plan.peer_length, plan.peer_steps, plan.num_layers
     runs = [ours(work, m["float32"], "dpo", b, n, s, layers), ours(work, m["float32"], "dpo+poet", b, n, s, layers)]
@@ -279,7 +284,7 @@ def section_peers(work: Path, plan: RealPlan, m: dict) -> tuple[list, str]:
         runs.append(mlx_lm_lora(work, py, m["float32"], b, n, s, layers))
     for r in runs:
         if "error" not in r:
-            r["peak_all_gb"] = r.get("peak_all_gb") or max(r.get("peak_train_gb", 0), r.get("peak_before_train_gb", 0))
+            r["peak_all_gb"] = _peak(r)
     peers = [r for r in runs if r["system"] != "poet-mlx" and "error" not in r]
     plain_peers = [r for r in peers if not r.get("grad_checkpoint")]
     fastest = min(plain_peers, key=lambda r: r["step_s"]) if plain_peers else None
@@ -326,11 +331,6 @@ def section_sampling(work: Path, plan: RealPlan, m: dict) -> tuple[list, str]:
     return results, text
 
 
-def _peak(r: dict) -> float:
-    """A run's peak: the larger of training and the reference pass."""
-    return r.get("peak_all_gb") or max(r.get("peak_train_gb", 0), r.get("peak_before_train_gb", 0))
-
-
 def section_qlora(work: Path, plan: RealPlan, m: dict, fp32: Optional[dict]) -> tuple[dict, str]:
     b, n, s = plan.peer_batch, plan.peer_length, plan.peer_steps
     q = ours(work, m["4-bit"], "dpo+poet", b, n, s, plan.num_layers)
@@ -340,8 +340,7 @@ def section_qlora(work: Path, plan: RealPlan, m: dict, fp32: Optional[dict]) -> 
     if plan.checkpoint_rows:
         cases += [(f"{label}, grad ckpt", ours(work, m[kind], "dpo+poet", b, n, s, plan.num_layers, grad_checkpoint=True))
                   for label, kind in (("float32", "float32"), ("4-bit g32", "4-bit"))]
-    rows = [[label, r.get("step_s"), r.get("peak_all_gb") or r.get("peak_train_gb"), r.get("max_rss_gb"),
-             r.get("load_average")] for label, r in cases]
+    rows = [[label, r.get("step_s"), _peak(r), r.get("max_rss_gb"), r.get("load_average")] for label, r in cases]
     qpeak, fpeak = _peak(q), _peak(fp32)
     out = {"cases": {label: r for label, r in cases}, "memory_ratio": ratio(qpeak, fpeak), "time_ratio": ratio(q.get("step_s"), fp32.get("step_s"))}
     summary = (f"4-bit / float32: peak {out['memory_ratio'] or float('nan'):.2f}x, step time "
