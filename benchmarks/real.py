@@ -48,7 +48,8 @@ class RealPlan:
     step_batch: int = 8
     step_length: int = 512
     step_steps: int = 2
-    threads: tuple = (1, 2)
+    threads: tuple = (0, 1)
+    """OpenBLAS threads of the 8 x 512 step: 0 is poet-mlx's default (every core), 1 one thread."""
     peer_batch: int = 4
     peer_length: int = 512
     peer_steps: int = 2
@@ -74,13 +75,13 @@ class RealPlan:
 
     @classmethod
     def medium(cls) -> "RealPlan":
-        return cls(threads=(1,), peer_batch=2, peer_length=256, profile_calls=1,
+        return cls(threads=(0,), peer_batch=2, peer_length=256, profile_calls=1,
                    growth_points=((1, 128), (2, 128), (2, 256), (4, 256)), growth_layers=(4, 16, 30),
                    growth_layers_at=(1, 128))
 
     @classmethod
     def quick(cls) -> "RealPlan":
-        return cls(step_batch=4, step_length=256, threads=(1,), peer_batch=2, peer_length=256,
+        return cls(step_batch=4, step_length=256, threads=(0,), peer_batch=2, peer_length=256,
                    sample_models=("float32",), sample_tokens=24, growth_points=((1, 128), (2, 128), (2, 256)),
                    growth_layers=(4, 16), growth_layers_at=(1, 128), checkpoint_rows=False)
 
@@ -209,11 +210,14 @@ def section_sgemm(work: Path, plan: RealPlan, label: str) -> tuple[dict, str]:
 
 
 def section_step(work: Path, plan: RealPlan, m: dict, best_gflops: float) -> tuple[list, str]:
+    from poet_mlx.backends.blas import blas_threads
+
     results, rows = [], []
     for threads in plan.threads:
+        env = {"POET_MLX_BLAS_THREADS": str(threads)} if threads else {}
         r = ours(work, m["float32"], "dpo+poet", plan.step_batch, plan.step_length, plan.step_steps,
-                 plan.num_layers, {"POET_MLX_BLAS_THREADS": str(threads)})
-        r["threads"] = threads
+                 plan.num_layers, env)
+        r["threads"] = threads or f"default ({blas_threads()})"
         results.append(r)
         if "error" in r:
             rows.append([threads, "error: " + r["error"][:80]] + [None] * 7)

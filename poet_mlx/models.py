@@ -64,7 +64,7 @@ def load_model(model: str, revision: Optional[str] = None, trust_remote_code: bo
     from .backends.fast_quant import accelerate_quantized
     from .backends.runahead import bound_run_ahead
 
-    bound_run_ahead()  # Linux CPU only: eval frees temporaries before allocating more (runahead.py)
+    bound_run_ahead()  # only with POET_MLX_RUNAHEAD=bounded (Linux CPU): the lowest memory (runahead.py)
     accelerate_quantized(loaded)  # Linux CPU only: 4-bit layers via dequantize + OpenBLAS (fast_quant.py)
     accelerate_layers(loaded)  # Linux CPU only: attention and SwiGLU written for the CPU (fast_layers.py)
     return loaded, tokenizer, path

@@ -104,8 +104,8 @@ def pair_token_logps(model, pairs: Sequence[TokenizedPair], batch_size: int, pad
 
 def head_in_chunks(head, hidden, targets, values, chunk_elements: Optional[int] = None) -> tuple:
     """`values(head(hidden), targets)` computed `chunk_elements // V` rows at a time, each chunk waiting for
-    the previous one, so that without a gradient one chunk of (rows, V) logits is alive at a time instead of
-    all R rows of them (given MLX's run-ahead is bounded: `backends.runahead`).
+    the previous one, so that without a gradient a few chunks of (rows, V) logits are alive at a time (as many
+    as MLX runs ahead: `backends.runahead`) instead of all R rows of them.
 
     Args:
         hidden: (R, D); targets: (R,); values: (M, V) logits, (M,) targets -> tuple of (M,) arrays.
@@ -115,10 +115,12 @@ def head_in_chunks(head, hidden, targets, values, chunk_elements: Optional[int] 
     """
     import mlx.core as mx
 
+    from .backends.fast_quant import expanded_once
     from .logprobs import head_chunk_rows
 
     if hidden.shape[0] == 0:
         return values(head(hidden), targets)
+    head = expanded_once(head)
     rows = head_chunk_rows(head, hidden, chunk_elements)
     parts: list = []
     for s in range(0, hidden.shape[0], rows):

@@ -59,7 +59,7 @@ def test_thread_count_choice(monkeypatch):
     for var in (blas.ENV_THREADS, "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
-    assert blas.blas_threads() == 3
+    assert blas.blas_threads() == 6  # every core (idle workers sleep: WORKER_TIMEOUT)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert blas.blas_threads() == 1
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
@@ -91,7 +91,9 @@ RUN = textwrap.dedent("""
     validate(cfg)
     rep = RecordingReporter()
     run_training(cfg, rep)
+    import os
     print(json.dumps({"active": blas.STATUS.active, "matmul": np.array(a @ b).tolist(),
+                      "timeout": os.environ.get(blas.WORKER_TIMEOUT[0]),
                       "losses": [m["loss"] for _, _, m in rep.of("step")]}))
 """)
 
@@ -104,6 +106,7 @@ def test_same_results_with_and_without_openblas(tmp_path):
     for mode in ("openblas", "reference"):
         env = {**os.environ, "POET_MLX_CACHE": str(tmp_path / mode / "cache"), "HF_HUB_OFFLINE": "1"}
         env.pop(blas.ENV_SWITCH, None)
+        env.pop(blas.WORKER_TIMEOUT[0], None)
         if mode == "reference":
             env[blas.ENV_SWITCH] = "reference"
         (tmp_path / mode).mkdir()
@@ -118,6 +121,8 @@ def test_same_results_with_and_without_openblas(tmp_path):
     if not fast["active"]:
         pytest.skip("OpenBLAS could not be loaded here (no C compiler?)")
     assert not ref["active"]
+    # OpenBLAS's idle workers sleep at once unless the user chose otherwise.
+    assert fast["timeout"] == blas.WORKER_TIMEOUT[1]
     import numpy as np
 
     np.testing.assert_allclose(fast["matmul"], ref["matmul"], rtol=1e-5, atol=1e-4)

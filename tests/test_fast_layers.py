@@ -93,17 +93,17 @@ def test_jit_and_malloc_settings_report_what_they_did():
         assert np.allclose(np.array(fused), np.array(nn.silu(x) * 2.0), rtol=1e-5, atol=1e-6)
 
 
-def test_run_ahead_bound_on_the_linux_cpu_and_its_off_switch(monkeypatch):
+def test_run_ahead_bound_only_on_request(monkeypatch):
     import sys
 
     from poet_mlx.backends import runahead
 
     before = mx.set_memory_limit(1 << 40)
     try:
-        monkeypatch.setenv(runahead.ENV_SWITCH, "default")
-        assert runahead.bound_run_ahead().startswith("disabled")
+        monkeypatch.delenv(runahead.ENV_SWITCH, raising=False)
+        assert runahead.bound_run_ahead().startswith("MLX's default")
         assert mx.set_memory_limit(1 << 40) == 1 << 40  # left as it was
-        monkeypatch.delenv(runahead.ENV_SWITCH)
+        monkeypatch.setenv(runahead.ENV_SWITCH, "bounded")
         status = runahead.bound_run_ahead()
         if sys.platform.startswith("linux") and mx.default_device() == mx.cpu:
             assert status.startswith("bounded") and mx.set_memory_limit(1 << 40) == 0

@@ -1,6 +1,6 @@
 """Fast paths for MLX's CPU backend on Linux: OpenBLAS for matmuls (`blas`), fused kernels built for this CPU
 (`jit`), freed memory kept for reuse (`alloc`), attention and SwiGLU written for the CPU (`fast_layers`),
-dequantize-then-GEMM for 4-bit layers (`fast_quant`), MLX's run-ahead bounded (`runahead`)."""
+dequantize-then-GEMM for 4-bit layers (`fast_quant`), MLX's run-ahead bounded on request (`runahead`)."""
 
 import os
 import sys

@@ -11,11 +11,15 @@ prefix, so a three-function C shim forwards `cblas_?gemm` to `scipy_cblas_?gemm`
 once per machine with the C compiler that MLX's CPU backend already needs (its kernels are JIT-compiled),
 and cached. Nothing here runs on macOS, where MLX uses Metal and Accelerate.
 
-Threads: OpenBLAS's worker threads spin between calls, stealing the cores that MLX's own (single-threaded)
-CPU kernels run on between two GEMMs, and they collapse when other processes share the cores (measured on 2
-cores under load: a forward pass took 1.4-8 s with 2 OpenBLAS threads, 0.75 s with 1). So unless the user
-sets `POET_MLX_BLAS_THREADS`, `OPENBLAS_NUM_THREADS` or `OMP_NUM_THREADS`, OpenBLAS gets half the cores this
-process may use (at least 1).
+Threads: OpenBLAS gets every core this process may run on, unless the user sets `POET_MLX_BLAS_THREADS`,
+`OPENBLAS_NUM_THREADS` or `OMP_NUM_THREADS`, and its idle workers sleep at once instead of spinning
+(`OPENBLAS_THREAD_TIMEOUT=4`, unless set): a spinning worker steals the core that MLX's own single-threaded
+kernels, the next GEMM's caller or another process needs. Measured on SmolLM2-135M, 2 cores, DPO 2 x 256:
+a step takes 4.1-4.4 s with 2 threads, 7.1-7.8 s with 1; with a busy process on one of the cores 9.0 s
+with 2 threads and the timeout, 12.7 s without it. (Until MLX's evaluation stopped being held back to one
+queued op at a time, `runahead` in earlier versions, 2 threads were slower than 1: the calling thread
+busy-waited on that op and took the second core.) On a machine shared with other heavy work,
+`POET_MLX_BLAS_THREADS=1` is faster still (6.7 s in the same test).
 
 Off switch: `POET_MLX_BLAS=reference` in the environment.
 """
@@ -37,6 +41,8 @@ from . import switched_off
 
 ENV_SWITCH = "POET_MLX_BLAS"
 ENV_THREADS = "POET_MLX_BLAS_THREADS"
+WORKER_TIMEOUT = ("OPENBLAS_THREAD_TIMEOUT", "4")
+"""OpenBLAS's idle workers spin 2**n cycles before they sleep (n from 4 to 30; default 28, about 0.1 s)."""
 
 SHIM_SOURCE = r"""
 /* poet-mlx: forward MLX's CBLAS GEMM calls to scipy-openblas32 (symbols prefixed scipy_). */
@@ -123,6 +129,7 @@ def _load() -> BlasStatus:
         return BlasStatus(False, "scipy-openblas32 is not installed (pip install scipy-openblas32)")
     try:
         lib_dir = Path(scipy_openblas32.get_lib_dir())
+        os.environ.setdefault(*WORKER_TIMEOUT)  # read when the library loads
         openblas = ctypes.CDLL(str(lib_dir / "libscipy_openblas.so"), mode=ctypes.RTLD_GLOBAL)
         shim = _build_shim(lib_dir)
         ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
@@ -137,14 +144,13 @@ def _load() -> BlasStatus:
 
 def blas_threads() -> Optional[int]:
     """OpenBLAS threads to set: POET_MLX_BLAS_THREADS if given; None (OpenBLAS decides) when the user set
-    OPENBLAS_NUM_THREADS or OMP_NUM_THREADS; else half the cores this process may run on, at least 1."""
+    OPENBLAS_NUM_THREADS or OMP_NUM_THREADS; else the cores this process may run on."""
     value = os.environ.get(ENV_THREADS, "").strip()
     if value.isdigit() and int(value) > 0:
         return int(value)
     if os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
         return None
     try:
-        cores = len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, cores // 2)
+        return os.cpu_count() or 1
