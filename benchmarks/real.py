@@ -220,9 +220,9 @@ def section_step(work: Path, plan: RealPlan, m: dict, best_gflops: float) -> tup
         r["threads"] = threads or f"default ({blas_threads()})"
         results.append(r)
         if "error" in r:
-            rows.append([threads, "error: " + r["error"][:80]] + [None] * 7)
+            rows.append([r["threads"], "error: " + r["error"][:80]] + [None] * 7)
             continue
-        rows.append([threads, r["step_s"], r["step_gflops"], ratio(r["step_gflops"], best_gflops),
+        rows.append([r["threads"], r["step_s"], r["step_gflops"], ratio(r["step_gflops"], best_gflops),
                      r["reference_s"], r["reference_gflops"], ratio(r["reference_gflops"], best_gflops),
                      r["peak_train_gb"], r["padding"], r["load_average"]])
     text = table(
