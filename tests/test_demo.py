@@ -116,10 +116,10 @@ def test_demo_cli_no_poet_trains_plain_dpo_only(tmp_path, monkeypatch, capsys):
 def test_default_demo_shows_the_gap(tmp_path):
     """The shipped demo, as `poet-mlx demo` runs it (about 1.5-2 minutes on 2 cores). Its design claim, in the
     two measurements that held in every seed tried: on the length-bias task DPO+POET prefers the chosen
-    prefix at least as consistently as DPO at every k, and its generations refuse no more often (fewer in every
-    seed tried earlier, with one OpenBLAS thread; with two, whose rounding differs, both refused 9 of 32: a one-reply lead
-    is within rounding, so only "no more" is asserted). The judged win rates differ by less than their
-    intervals, so they are not asserted."""
+    prefix at least as consistently as DPO at every k, and its generations refuse no more often (fewer in
+    every seed tried earlier, with one OpenBLAS thread; with two, whose rounding differs, both refused 9 of
+    32: a one-reply lead is within rounding, so only "no more" is asserted). The judged win rates differ by
+    less than their intervals, so they are not asserted."""
     from poet_mlx.demo.toy import run_demo
 
     res = run_demo(tmp_path / "demo", DemoSpec())
