@@ -8,7 +8,7 @@ backward of a chunked form, and 1 MB with this one (`benchmarks/lossmem.py`).
 
 The logsumexp runs in chunks of rows, at most `chunk_elements` values at a time (its exp, and the float32
 copy of half-precision logits, are per-chunk temporaries). A training step through a frozen head goes
-further (`head_token_logps`): the head itself runs a chunk at a time, so the (R, V) logits never exist.
+further (`head_token_logps`): the head itself runs a block at a time, so the (R, V) logits never exist.
 """
 
 from __future__ import annotations
@@ -102,11 +102,12 @@ def head_chunk_rows(head, hidden: mx.array, chunk_elements: Optional[int] = None
 def head_token_logps(head, hidden: mx.array, targets: mx.array, chunk_elements: Optional[int] = None) -> mx.array:
     """Log-probability of each target under `head(hidden)`, for a training step through a frozen head.
 
-    The (R, V) logits never exist at once, in the forward or the backward: the forward walks over chunks of
-    rows and for each computes the logits, their logsumexp, and already the gradient of each row's log-prob
-    with respect to its hidden state, (onehot(y) - softmax) @ W through the head's own VJP. The backward is
-    then only `cotangent * that gradient`: the matmul FLOPs of backpropagating through the head, with (R, D)
-    floats kept instead of the (R, V) logits and their gradient.
+    The (R, V) logits never exist at once, in the forward or the backward: the forward computes each row's
+    log-prob and already its gradient with respect to the hidden state, W_y - softmax @ W, a block at a time
+    (a linear head: rows x vocabulary blocks with an online logsumexp, `blocked_head`; any other head: chunks
+    of rows through the head's own VJP). The backward is then only `cotangent * that gradient`: the matmul
+    FLOPs of backpropagating through the head, with (R, D) floats kept instead of the (R, V) logits and their
+    gradient.
 
     Contract: no gradient reaches the head's own weights (frozen, as in LoRA training: `head.head_is_frozen`;
     a trainable head must use `per_token_logps(head(hidden))`), and the hidden-state gradient is computed
@@ -116,21 +117,43 @@ def head_token_logps(head, hidden: mx.array, targets: mx.array, chunk_elements: 
         head: (M, D) -> (M, V) logits (`head.output_head`).
         hidden: (R, D) hidden states at the scored positions, any float dtype.
         targets: (R,) int token ids.
-        chunk_elements: about how many logits a chunk holds (rows = chunk_elements // V, at least 1);
-            default DEFAULT_CHUNK_ELEMENTS.
+        chunk_elements: about how many logits a block holds (`blocked_head.vocab_block`; other heads:
+            rows = chunk_elements // V, at least 1); default DEFAULT_CHUNK_ELEMENTS.
 
     Returns:
         (R,) float32 log-probs.
     """
     if hidden.shape[0] == 0:
         return mx.zeros((0,), mx.float32)
-    from .backends.fast_quant import expanded_once
+    from .blocked_head import head_stats, linear_head
 
-    head = expanded_once(head)
-    rows = head_chunk_rows(head, hidden, chunk_elements)
+    chunk = int(chunk_elements or DEFAULT_CHUNK_ELEMENTS)
+    blocked = linear_head(head)
+    if blocked is not None:
+        def forward(h, y):
+            out = head_stats(blocked, h, y, chunk, grad=True)
+            return out["logps"], out["grad"]
+    else:
+        forward = _row_chunked_logps_and_grad(head, head_chunk_rows(head, hidden, chunk))
 
     @mx.custom_function
     def logps_and_grad(h, y):
+        return forward(h, y)
+
+    @logps_and_grad.vjp
+    def logps_and_grad_vjp(primals, cotangents, outputs):
+        g = cotangents[0].astype(mx.float32)[:, None]  # (R, 1); the gradient output's cotangent is unused
+        return (g * outputs[1]).astype(primals[0].dtype), mx.zeros_like(primals[1])
+
+    return logps_and_grad(hidden, targets)[0]
+
+
+def _row_chunked_logps_and_grad(head, rows: int):
+    """(h (R, D), y (R,)) -> (log-probs (R,), their hidden-state gradients (R, D)) through any head callable,
+    `rows` rows at a time: each chunk's logits, their logsumexp, and (onehot(y) - softmax) @ W through the
+    head's own VJP. For heads that `blocked_head.linear_head` does not recognize."""
+
+    def forward(h, y):
         parts, grads = [], []
         for s in range(0, h.shape[0], rows):
             h_c, y_c = h[s : s + rows], y[s : s + rows]
@@ -151,12 +174,7 @@ def head_token_logps(head, hidden: mx.array, targets: mx.array, chunk_elements: 
             return parts[0], grads[0]
         return mx.concatenate(parts), mx.concatenate(grads)
 
-    @logps_and_grad.vjp
-    def logps_and_grad_vjp(primals, cotangents, outputs):
-        g = cotangents[0].astype(mx.float32)[:, None]  # (R, 1); the gradient output's cotangent is unused
-        return (g * outputs[1]).astype(primals[0].dtype), mx.zeros_like(primals[1])
-
-    return logps_and_grad(hidden, targets)[0]
+    return forward
 
 
 def span_mask(starts: mx.array, lengths: mx.array, width: int) -> mx.array:

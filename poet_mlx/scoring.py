@@ -55,7 +55,7 @@ def score_sequences(model, sequences: Sequence[tuple[np.ndarray, np.ndarray]], b
         targets = packed_targets(groups, positions)  # (R,)
         if head is None:
             return values(packed_logits(model, groups, positions), targets)
-        return head_in_chunks(head, packed_hidden(model, groups, positions), targets, values)
+        return head_values(head, packed_hidden(model, groups, positions), targets, values, entropy)
 
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
     logps: list = [None] * len(sequences)
@@ -102,10 +102,24 @@ def pair_token_logps(model, pairs: Sequence[TokenizedPair], batch_size: int, pad
     return regroup(logps), regroup(ents)
 
 
+def head_values(head, hidden, targets, values, entropy: bool) -> tuple:
+    """(log-probs,) or (log-probs, entropies), each (R,), of `targets` (R,) under `head(hidden)` (R, D): in
+    vocabulary blocks for a linear head (`blocked_head`), else `head_in_chunks` with `values`."""
+    from . import logprobs
+    from .blocked_head import head_stats, linear_head
+
+    blocked = linear_head(head)
+    if blocked is None:
+        return head_in_chunks(head, hidden, targets, values)
+    out = head_stats(blocked, hidden, targets, logprobs.DEFAULT_CHUNK_ELEMENTS, entropy=entropy)
+    return (out["logps"], out["entropy"]) if entropy else (out["logps"],)
+
+
 def head_in_chunks(head, hidden, targets, values, chunk_elements: Optional[int] = None) -> tuple:
     """`values(head(hidden), targets)` computed `chunk_elements // V` rows at a time, each chunk waiting for
     the previous one, so that without a gradient a few chunks of (rows, V) logits are alive at a time (as many
-    as MLX runs ahead: `backends.runahead`) instead of all R rows of them.
+    as MLX runs ahead: `backends.runahead`) instead of all R rows of them. For heads that
+    `blocked_head.linear_head` does not recognize (a linear head runs in vocabulary blocks instead).
 
     Args:
         hidden: (R, D); targets: (R,); values: (M, V) logits, (M,) targets -> tuple of (M,) arrays.
@@ -115,12 +129,10 @@ def head_in_chunks(head, hidden, targets, values, chunk_elements: Optional[int] 
     """
     import mlx.core as mx
 
-    from .backends.fast_quant import expanded_once
     from .logprobs import head_chunk_rows
 
     if hidden.shape[0] == 0:
         return values(head(hidden), targets)
-    head = expanded_once(head)
     rows = head_chunk_rows(head, hidden, chunk_elements)
     parts: list = []
     for s in range(0, hidden.shape[0], rows):

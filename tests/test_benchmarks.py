@@ -211,41 +211,6 @@ def test_load_model_accelerates_quantized_models_on_linux_cpu(tiny_quant_model_d
 # -- per_token_logps' gradient ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["embedding", "linear"])
-def test_expanded_once_head_gives_the_chunked_head_numbers(monkeypatch, kind):
-    """A quantized head expanded once for all chunks (`fast_quant.expanded_once`) gives the per-chunk head's
-    log-probs and hidden-state gradient; a head that does not expand weights comes back unchanged."""
-    from poet_mlx.logprobs import head_token_logps
-
-    monkeypatch.setattr(fast_quant, "wanted", lambda: True)
-    if kind == "embedding":
-        module = nn.QuantizedEmbedding(300, 128, group_size=64, bits=4)
-        head = lambda: module.as_linear  # noqa: E731
-    else:
-        module = nn.QuantizedLinear(128, 300, bias=True, group_size=64, bits=4)
-        module.bias = mx.random.normal((300,), key=mx.random.key(9))
-        head = lambda: module  # noqa: E731
-    plain = head()
-    assert fast_quant.expanded_once(plain) is plain  # not accelerated yet
-    assert fast_quant.accelerate_quantized(nn.Sequential(module)) == 1
-    once = fast_quant.expanded_once(head())
-    assert once is not head()
-    hidden = mx.random.normal((37, 128), key=mx.random.key(7))
-    targets = mx.random.randint(0, 300, (37,), key=mx.random.key(8))
-    np.testing.assert_allclose(np.array(once(hidden)), np.array(head()(hidden)), rtol=1e-5, atol=1e-5)
-    calls = []
-    real = fast_quant.expanded_once
-    for use_once in (True, False):
-        monkeypatch.setattr(fast_quant, "expanded_once", (lambda h: calls.append(1) or real(h)) if use_once
-                            else (lambda h: h))
-        f = lambda x: (head_token_logps(head(), x, targets, chunk_elements=300 * 8) * mx.arange(37)).sum()  # noqa: E731
-        value, grad = mx.value_and_grad(f)(hidden)
-        calls.append((value.item(), np.array(grad)))
-    assert calls[0] == 1  # the chunked head asked for the once-expanded one
-    np.testing.assert_allclose(calls[1][0], calls[2][0], rtol=1e-5)
-    np.testing.assert_allclose(calls[1][1], calls[2][1], rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("dtype,chunk", [(mx.float32, 1 << 24), (mx.bfloat16, 1 << 24), (mx.bfloat16, 300)])
 def test_per_token_logps_gradient_matches_log_softmax(dtype, chunk):
     logits = (mx.random.normal((2, 7, 50), key=mx.random.key(5)) * 4).astype(dtype)

@@ -274,16 +274,21 @@ def test_reference_uses_the_same_k(base, pairs, full_logps):
 
 
 def test_scoring_head_in_chunks_gives_the_same_numbers(base, pairs, full_logps, monkeypatch):
-    """The reference pass computes the head a few rows at a time (`scoring.head_in_chunks`): with chunks of
-    one and of three rows (instead of the whole batch in one), log-probs and entropies are unchanged."""
-    from poet_mlx import logprobs
+    """The reference pass computes the head a few rows at a time: with chunks of one and of three rows
+    (instead of the whole batch in one), in vocabulary blocks of a third of the words (`blocked_head`) and
+    through any head callable (`scoring.head_in_chunks`), log-probs and entropies are unchanged."""
+    from poet_mlx import blocked_head, head, logprobs
     from poet_mlx.scoring import pair_token_logps
 
     model = base[0]
     whole_lp, whole_ent = pair_token_logps(model, pairs, batch_size=3, pad_id=PAD_ID, entropy=True)
     vocab = model.args.vocab_size
-    for rows in (1, 3):
-        monkeypatch.setattr(logprobs, "DEFAULT_CHUNK_ELEMENTS", rows * vocab)
+    assert blocked_head.linear_head(head.output_head(model)) is not None
+    for rows, wrapped in ((1, False), (3, False), (1, True), (3, True)):
+        monkeypatch.setattr(logprobs, "DEFAULT_CHUNK_ELEMENTS", rows * vocab if wrapped else 2 * rows * vocab // 3)
+        monkeypatch.setattr(blocked_head, "HEAD_ROWS", rows)
+        if wrapped:  # not recognized as linear: the row-chunked path
+            monkeypatch.setattr(blocked_head, "linear_head", lambda h: None)
         lp, ent = pair_token_logps(model, pairs, batch_size=3, pad_id=PAD_ID, entropy=True)
         for got, want in ((lp, whole_lp), (ent, whole_ent), (lp, full_logps)):
             for (gc, gr), (wc, wr) in zip(got, want):

@@ -141,30 +141,6 @@ def _embedding_as_linear(self, x):
     return dequantized_matmul(self.group_size, self.bits)(x, self["weight"], self["scales"], self["biases"])
 
 
-def expanded_once(head):
-    """`head` ((M, D) -> (M, V) logits) with its quantized weight expanded to float32 once, for a caller that
-    applies it to many chunks of rows (`logprobs.head_token_logps`, `scoring.head_in_chunks`); any other head
-    unchanged. Each chunk would otherwise expand the whole (V, D) matrix again, twice with the gradient (34
-    expansions of 49152 x 576 at 2 x 256 tokens with 2-million-logit chunks). Measured, QLoRA DPO+POET on
-    SmolLM2-135M, 2 x 256, --grad-checkpoint: 7.4 -> 5.3 s a step, peak 0.48 -> 0.46 GB. Holds the (V, D)
-    float32 copy while the chunks run; no gradient reaches the quantized weight (frozen)."""
-    import mlx.core as mx
-    import mlx.nn as nn
-
-    # An `lm_head` is the layer itself; a tied embedding's head is its bound `as_linear`.
-    owner = head if isinstance(head, nn.QuantizedLinear) else getattr(head, "__self__", None)
-    if not getattr(owner, "_poet_fast_quant", False):
-        return head
-    weight = affine_dequantizer(owner.group_size, owner.bits)(owner["weight"], owner["scales"], owner["biases"])
-    bias = owner["bias"] if "bias" in owner else None
-
-    def float_head(x):
-        y = x.astype(mx.float32) @ weight.T  # (M, V)
-        return y if bias is None else y + bias
-
-    return float_head
-
-
 @lru_cache(maxsize=None)
 def _fast_class(base: type) -> type:
     import mlx.nn as nn

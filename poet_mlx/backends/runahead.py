@@ -7,8 +7,8 @@ cap: nothing fails above it). The default limit is about the machine's RAM, so t
 and the outputs of queued ops are allocated while the inputs they will free are still alive. Measured on
 SmolLM2-135M, the compiled loss and LoRA gradient at 2 x 256 tokens: peak 1.86 GB with the default limit,
 1.70 GB with a limit of 0, and 0.96 -> 0.79 GB with --grad-checkpoint; the time unchanged (10.5 vs 10.8 s).
-Chunked computations (`logprobs.head_token_logps`, `scoring.head_in_chunks`) only hold one chunk at a time
-with it. On the CPU the worker and the calling thread share the same cores, so running ahead buys little.
+Chunked computations (`blocked_head`, `scoring.head_in_chunks`) only hold one chunk at a time with it. On
+the CPU the worker and the calling thread share the same cores, so running ahead buys little.
 For the same reason the trainer evaluates each micro-batch's loss and gradients on their own before the
 gradient norm: in one graph with it the step peaked higher (--grad-checkpoint: 1.29 -> 1.00 GB).
 
