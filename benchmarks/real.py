@@ -278,13 +278,18 @@ def section_peers(work: Path, plan: RealPlan, m: dict) -> tuple[list, str]:
     if plan.checkpoint_rows:
         runs.append(ours(work, m["float32"], "dpo", b, n, s, layers, grad_checkpoint=True))
         runs[-1]["case"] = "dpo, grad ckpt"
-    if (py := unsloth_python()) is not None:
+    missing = []
+    if (py := unsloth_python()) is None:
+        missing.append("unsloth-zoo")
+    else:
         runs.append(unsloth(work, py, m["float32"], b, n, s, layers))
         if plan.checkpoint_rows:  # like for like with poet-mlx's checkpointed row (unsloth-zoo's own default)
             runs.append(unsloth(work, py, m["float32"], b, n, s, layers, grad_checkpoint=True))
     from benchmarks.sections import peer_python
 
-    if (py := peer_python(None)) is not None:
+    if (py := peer_python(None)) is None:
+        missing.append("mlx-lm-lora")
+    else:
         runs.append(mlx_lm_lora(work, py, m["float32"], b, n, s, layers))
     for r in runs:
         if "error" not in r:
@@ -310,7 +315,9 @@ def section_peers(work: Path, plan: RealPlan, m: dict) -> tuple[list, str]:
         ["system", "case", "step s", "epoch s", "peak GB", "max RSS GB", "x fastest peer time",
          "x its peak", "x its peak, same ckpt", "load"], rows,
         "step s: median step after the first; epoch s: the whole run after loading (reference pass, compile, "
-        "every step).\nTargets: poet-mlx DPO <= 0.5 x the faster peer's step time and <= 0.6 x its peak.")
+        "every step).\nTargets: poet-mlx DPO <= 0.5 x the faster peer's step time and <= 0.6 x its peak."
+        + (f"\nNot installed, so not run: {', '.join(missing)} (`python benchmarks/bench.py --setup-peer`)."
+           if missing else ""))
     return runs, text
 
 

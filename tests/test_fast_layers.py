@@ -37,6 +37,21 @@ def test_causal_attention_equals_mlx_sdpa_values_and_gradients(h, kv, t, block):
         assert mx.abs(a - b).max().item() < 1e-4 * max(1.0, mx.abs(b).max().item())
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("h, kv", [(4, 2), (3, 3), (6, 1)])
+def test_decode_attention_equals_mlx_sdpa(h, kv, mask_kind):
+    """One new token per row against a cache of 11 (left padding masked per row, as mlx-lm's batch cache
+    does): MLX's numbers, with grouped query heads and without."""
+    q, _, _ = _qkv(3, h, kv, 1, 8)
+    _, k, v = _qkv(3, h, kv, 11, 8, seed=5)
+    keep = mx.arange(11)[None, None, None, :] >= mx.array([0, 3, 7])[:, None, None, None]  # (3, 1, 1, 11)
+    mask = {"none": None, "bool": keep, "additive": mx.where(keep, 0.0, -1e9)}[mask_kind]
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=mask)
+    out = fast_layers.decode_attention(q, k, v, 0.3, mask)
+    assert out.shape == ref.shape == (3, h, 1, 8) and out.dtype == ref.dtype
+    assert mx.abs(out - ref).max().item() < 1e-5
+
+
 def test_swiglu_equals_mlx_lm():
     from mlx_lm.models.activations import swiglu
 
@@ -60,7 +75,7 @@ def test_accelerated_model_gives_the_same_logits_and_generation(tiny_model_dir, 
     assert fast_layers.accelerate_layers(model) == 0  # idempotent
     assert type(model.layers[0].self_attn).__name__.startswith("Fast")
     assert mx.abs(model(tokens) - before).max().item() < 1e-4
-    assert generate(model, tok, prompt=[1, 5, 9], max_tokens=6) == reply  # KV-cache calls: mlx-lm's path
+    assert generate(model, tok, prompt=[1, 5, 9], max_tokens=6) == reply  # KV-cache calls: decode_attention
     from mlx.utils import tree_flatten
 
     fresh, _ = load(str(tiny_model_dir))

@@ -25,8 +25,9 @@ Both agree with the originals to float32 rounding (attention ~1e-6, `tests/test_
 `accelerate_layers(model)` gives each attention or MLP module whose class calls mlx-lm's
 `scaled_dot_product_attention` or `swiglu` a subclass that calls these instead (the class's own `__call__`
 code, with those two names rebound), so any architecture built on them (llama, qwen2/3, mistral, ...) is
-covered, and everything else is left as it is. Calls with a KV cache (generation), an explicit mask or
-attention sinks go to mlx-lm's function unchanged. Off switch: `POET_MLX_LAYERS=native`; nothing changes on
+covered, and everything else is left as it is. Generating one token per row with a (float) KV cache goes
+through `decode_attention`; other calls with a cache (a prompt's prefill), an explicit mask or attention
+sinks go to mlx-lm's function unchanged. Off switch: `POET_MLX_LAYERS=native`; nothing changes on
 macOS or on a GPU.
 """
 
@@ -142,13 +143,44 @@ def _attend(block: int):
     return attend
 
 
+def decode_attention(queries, keys, values, scale: float, mask=None):
+    """softmax(q k^T * scale, masked) v for one new token per row against a KV cache, with the g query heads
+    of each key/value head as one matmul: MLX's CPU fallback repeats the cached keys and values for every
+    query head first, a (B, H, L, D) copy of each per layer and token.
+
+    Args:
+        queries: (B, H, 1, D); keys, values: (B, KV, L, D), H a multiple of KV.
+        mask: None, or a boolean (keep) or additive array that broadcasts to (B, H, 1, L).
+
+    Returns:
+        (B, H, 1, D), in the queries' dtype.
+    """
+    import mlx.core as mx
+
+    b, h, _, d = queries.shape
+    kv, n = keys.shape[1], keys.shape[2]
+    q = (queries * scale).reshape(b, kv, h // kv, d)
+    scores = q @ keys.swapaxes(-1, -2)  # (B, KV, g, L)
+    if mask is not None:
+        m = mx.broadcast_to(mask, (b, h, 1, n)).reshape(b, kv, h // kv, n)
+        scores = mx.where(m, scores, -mx.inf) if m.dtype == mx.bool_ else scores + m
+    weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(values.dtype)
+    return (weights @ values).reshape(b, h, 1, d).astype(queries.dtype)
+
+
 def _sdpa(queries, keys, values, cache, scale, mask, sinks=None):
-    """mlx-lm's `scaled_dot_product_attention`, through `causal_attention` where it applies."""
+    """mlx-lm's `scaled_dot_product_attention`, through `causal_attention` or `decode_attention` where they
+    apply."""
+    import mlx.core as mx
     from mlx_lm.models.base import scaled_dot_product_attention
 
+    grouped = queries.shape[1] % keys.shape[1] == 0
     if (cache is None and sinks is None and isinstance(mask, str) and mask == "causal"
-            and queries.shape[2] == keys.shape[2] and queries.shape[1] % keys.shape[1] == 0):
+            and queries.shape[2] == keys.shape[2] and grouped):
         return causal_attention(queries, keys, values, scale)
+    if (cache is not None and not hasattr(cache, "bits") and sinks is None and queries.shape[2] == 1 and grouped
+            and (mask is None or isinstance(mask, mx.array))):
+        return decode_attention(queries, keys, values, scale, mask)
     return scaled_dot_product_attention(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
 
 
