@@ -132,15 +132,20 @@ def run_sample(spec: dict) -> dict:
     batch = spec["batch_size"]
     seeds = list(range(batch))
     sample(model, tok, prompts[:2], seeds[:2], 4, spec["temperature"], batch_size=batch)  # warm-up
-    tic = time.perf_counter()
-    replies = sample(model, tok, prompts[:batch], seeds, n, spec["temperature"], batch_size=batch)
-    wall = time.perf_counter() - tic
-    tokens = sum(len(r.ids) + int(r.finished) for r in replies)
+    runs = {}
+    for length in (max(2, n // 6), n):  # a short run first: its prefill and first tokens are the full run's
+        tic = time.perf_counter()
+        replies = sample(model, tok, prompts[:batch], seeds, length, spec["temperature"], batch_size=batch)
+        runs[length] = (time.perf_counter() - tic, sum(len(r.ids) + int(r.finished) for r in replies))
+    (short_wall, short_tokens), (wall, tokens) = runs[min(runs)], runs[n]
+    decode_tps = (tokens - short_tokens) / (wall - short_wall)
     one = single[1:] or single
     single_tps = statistics.fmean(s["generation_tps"] for s in one)
-    return {"single": single, "single_generation_tps": single_tps,
-            "single_wall_tps": statistics.fmean(s["tokens"] / s["wall_s"] for s in one),
+    single_wall_tps = statistics.fmean(s["tokens"] / s["wall_s"] for s in one)
+    return {"single": single, "single_generation_tps": single_tps, "single_wall_tps": single_wall_tps,
             "batched_tokens": tokens, "batched_wall_s": wall, "batched_tps": tokens / wall,
+            "batched_short": {"tokens": short_tokens, "wall_s": short_wall}, "batched_decode_tps": decode_tps,
+            "decode_speedup": decode_tps / single_tps, "wall_speedup": tokens / wall / single_wall_tps,
             "speedup": tokens / wall / single_tps, "peak_gb": mx.get_peak_memory() / 1e9}
 
 
@@ -167,6 +172,7 @@ def run_profile(spec: dict) -> dict:
     model.eval()
     rows, length, scored = spec["rows"], spec["length"], spec["scored"]
     timed = lambda fn: _timed(fn, spec.get("calls", 3))  # noqa: E731
+    part = lambda fn: _timed(fn, max(5, spec.get("calls", 3)))  # noqa: E731  (a layer's parts: cheap, noisy)
     inner = model.model
     layer = inner.layers[0]
     attn, mlp = layer.self_attn, layer.mlp
@@ -188,8 +194,13 @@ def run_profile(spec: dict) -> dict:
     hs = mx.random.normal((rows * scored, x.shape[-1]))
     mx.eval(hs)
 
-    def head_lse(hidden):  # (M, D) -> (M,)
-        return mx.logsumexp(head(hidden), axis=-1)
+    from poet_mlx.logprobs import per_token_logps
+    from poet_mlx.scoring import head_values
+
+    targets = mx.random.randint(0, inner.vocab_size, (rows * scored,))
+
+    def head_logps(hidden):  # (M, D) -> (M,): the reference pass's head (`scoring.head_values`)
+        return head_values(head, hidden, targets, lambda lg, y: (per_token_logps(lg[None], y[None])[0],), False)[0]
 
     def last_hidden(m):  # (rows * scored, D): the trunk's output at the scored positions
         return m.model(tokens)[:, -scored:].reshape(-1, x.shape[-1])
@@ -204,24 +215,34 @@ def run_profile(spec: dict) -> dict:
             return fast_layers.causal_attention(qr, kr, v, attn.scale)
         return sdpa_native(qr, kr, v, cache=None, scale=attn.scale, mask="causal")
 
+    # Every part compiled, as the reference pass and the training step run (MLX fuses the elementwise ops,
+    # which on Linux is what makes them vectorized: `backends.jit`).
+    attention_c = mx.compile(attention_core)
+    layer_c = mx.compile(lambda h: layer(h, "causal"))
+    head_c = mx.compile(head_logps)
+    forward_c = mx.compile(lambda: head_logps(last_hidden(model)), inputs=model.state)
     per_layer = {
-        "projections (7 matmuls)": timed(lambda: mx.eval([inputs[w.shape[1]] @ w.T for w in weights])),
-        "attention core (RoPE + causal softmax(QK^T)V)": timed(lambda: mx.eval(attention_core())),
+        "projections (7 matmuls)": part(lambda: mx.eval([inputs[w.shape[1]] @ w.T for w in weights])),
+        "attention core (RoPE + causal softmax(QK^T)V)": part(lambda: mx.eval(attention_c())),
     }
-    whole_layer = timed(lambda: mx.eval(layer(x, "causal")))
+    whole_layer = part(lambda: mx.eval(layer_c(x)))
     per_layer["norms, SwiGLU, residuals, reshapes"] = max(0.0, whole_layer - sum(per_layer.values()))
-    head_s = timed(lambda: mx.eval(head_lse(hs)))
-    forward_s = timed(lambda: mx.eval(head_lse(last_hidden(model))))
+    head_s = part(lambda: mx.eval(head_c(hs)))
+    forward_s = timed(lambda: mx.eval(forward_c()))
     parts = {name: t * n_layers for name, t in per_layer.items()}
-    parts["head (scored positions, logsumexp)"] = head_s
+    parts["head (scored positions, log-probs)"] = head_s
     parts["glue (whole - parts: dispatch, embedding, copies)"] = max(0.0, forward_s - sum(parts.values()))
 
     model.freeze()
     linear_to_lora_layers(model, spec["layers"], {"rank": 8, "scale": 20.0, "dropout": 0.0})
     model.train()
 
-    grad_fn = nn.value_and_grad(model, lambda m: head_lse(last_hidden(m)).sum())
-    backward_s = timed(lambda: mx.eval(grad_fn(model)))
+    from poet_mlx.logprobs import head_token_logps
+
+    # The training step's head and its hidden-state gradient; not compiled (a compiled step must capture the
+    # model's state as its output too: the trainer's does, `benchmarks/real.py`'s step section times it).
+    grad_fn = nn.value_and_grad(model, lambda: head_token_logps(head, last_hidden(model), targets).sum())
+    backward_s = timed(lambda: mx.eval(grad_fn()))
     return {"rows": rows, "length": length, "scored": scored, "layers": n_layers, "adapted": spec["layers"],
             "forward_s": forward_s, "parts_s": parts, "per_layer_s": per_layer, "whole_layer_s": whole_layer,
             "forward_backward_s": backward_s, "fast_layers": fast_layers.wanted()}
