@@ -13,7 +13,7 @@ Why blocks of the vocabulary and not only of rows: a head over few rows is a GEM
 (V x D) for little work. Row chunks small enough that their (rows, V) logits stay small (42 rows of SmolLM2's
 49,152 at 2 million logits) ran the head at 81-90 GFLOP/s on 2 cores, where 512 rows in blocks of 2,048 words
 run at 135-139 (4,096 rows with the gradient, float32: 5.6 -> 3.4 s; 512 rows: 0.72 -> 0.42 s, peak the same
-within 10 MB; `/benchmarks/real.py` for whole steps). A quantized head is expanded one block at a time (never
+within 10 MB; `benchmarks/real.py` for whole steps). A quantized head is expanded one block at a time (never
 the whole float32 matrix), so QLoRA's head costs one block of float32 weights.
 
 `linear_head(head)` recognizes such heads; anything else (a LoRA-adapted head, an unknown module) keeps the
