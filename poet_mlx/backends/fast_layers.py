@@ -68,12 +68,14 @@ def _spans(t: int, block: int) -> list[tuple[int, int]]:
     return [(s, min(t, s + block)) for s in range(0, t, block)]
 
 
-def _block_scores(q, keys, s: int, e: int):
-    """Scaled scores of query rows [s, e) against keys [0, e), causally masked: (B, KV, g (e - s), e)."""
+def _block_scores(q, keys, s: int, e: int, q_offset: int = 0):
+    """Scaled scores of query rows [q_offset + s, q_offset + e) against keys [0, e) of `keys`, causally
+    masked (key j visible to query row i when j <= i - q_offset): (B, KV, g (e - s), e), and the block's
+    queries (B, KV, g (e - s), D)."""
     import mlx.core as mx
 
     b, kv, g, _, d = q.shape
-    qb = q[:, :, :, s:e].reshape(b, kv, g * (e - s), d)
+    qb = q[:, :, :, q_offset + s : q_offset + e].reshape(b, kv, g * (e - s), d)
     scores = (qb @ keys[:, :, :e].swapaxes(-1, -2)).reshape(b, kv, g, e - s, e)
     causal = mx.arange(e)[None, :] <= mx.arange(s, e)[:, None]  # (e - s, e)
     return qb, mx.where(causal, scores, -mx.inf).reshape(b, kv, g * (e - s), e)
@@ -108,9 +110,17 @@ def _attend(block: int):
         outs, lses = [], []
         for s, e in _spans(t, block):
             n = e - s
-            _, scores = _block_scores(q, keys, s, e)
-            top = scores.max(axis=-1, keepdims=True)
-            o = mx.exp(scores - top) @ v1[:, :, :e]  # (B, KV, g n, D + 1): unnormalized output and row sums
+            # The keys before the block are all visible: their scores need no mask, which saves a pass over
+            # the largest part (forward alone, 16 x 512, SmolLM2's heads, alternating: 135-187 -> 130-144 ms
+            # a layer; at 4 x 256 the same, 19 ms).
+            qb, diag = _block_scores(q, keys[:, :, s:], 0, n, q_offset=s)  # (B, KV, g n, n), masked
+            top = diag.max(axis=-1, keepdims=True)
+            if s:
+                past = qb @ keys[:, :, :s].swapaxes(-1, -2)  # (B, KV, g n, s)
+                top = mx.maximum(top, past.max(axis=-1, keepdims=True))
+                o = mx.exp(past - top) @ v1[:, :, :s] + mx.exp(diag - top) @ v1[:, :, s:e]
+            else:
+                o = mx.exp(diag - top) @ v1[:, :, :e]  # (B, KV, g n, D + 1): unnormalized output and row sums
             outs.append((o[..., :d] / o[..., d:]).reshape(b, kv, g, n, d))
             lses.append((top + mx.log(o[..., d:])).reshape(b, kv, g, n))
         if len(outs) == 1:
