@@ -27,6 +27,8 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
+from .backends import spans
+
 HEAD_ROWS = 512
 """Rows of hidden states per pass over the vocabulary (256-1,024 measured alike on SmolLM2, 2 cores)."""
 
@@ -102,10 +104,6 @@ def _expander(module) -> Callable:
     if getattr(module, "_poet_fast_quant", False):
         return fast_quant.affine_dequantizer(group, bits)
     return lambda w, scales, biases: mx.dequantize(w, scales, biases, group, bits)
-
-
-def spans(n: int, size: int) -> list[tuple[int, int]]:
-    return [(s, min(n, s + size)) for s in range(0, n, size)]
 
 
 def vocab_block(head: LinearHead, rows: int, chunk_elements: int) -> int:

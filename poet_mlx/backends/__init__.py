@@ -16,6 +16,11 @@ def on_linux_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
+def spans(n: int, size: int) -> list[tuple[int, int]]:
+    """[0, n) in consecutive (start, stop) pieces of `size` (the last may be shorter)."""
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
 def switched_off(env_switch: str, keep_word: str) -> bool:
     """Whether the environment variable `env_switch` turns a fast path off: `keep_word` (the name of what is
     kept instead: "default", "native", "reference"), "off", "0" or "no", in any case."""

@@ -36,7 +36,7 @@ from __future__ import annotations
 import types
 from functools import lru_cache
 
-from . import on_linux_cpu, switched_off
+from . import on_linux_cpu, spans, switched_off
 
 ENV_SWITCH = "POET_MLX_LAYERS"
 BLOCK = 128
@@ -62,10 +62,6 @@ def causal_attention(queries, keys, values, scale: float, block: int = BLOCK):
     q = (queries * scale).reshape(b, kv, h // kv, t, d)  # the g query heads of each key/value head together
     out = _attend(block)(q, keys, values)[0]
     return out.reshape(b, h, t, d).astype(queries.dtype)
-
-
-def _spans(t: int, block: int) -> list[tuple[int, int]]:
-    return [(s, min(t, s + block)) for s in range(0, t, block)]
 
 
 def _block_scores(q, keys, s: int, e: int, q_offset: int = 0):
@@ -108,7 +104,7 @@ def _attend(block: int):
         b, kv, g, t, d = q.shape
         v1 = mx.concatenate([values, mx.ones((b, kv, t, 1), values.dtype)], axis=-1)  # (B, KV, T, D + 1)
         outs, lses = [], []
-        for s, e in _spans(t, block):
+        for s, e in spans(t, block):
             n = e - s
             # Keys before the block are all visible: no mask over the largest part, one pass fewer (forward,
             # 16 x 512, SmolLM2's heads, alternating: 135-187 -> 130-144 ms a layer; 4 x 256: 19 ms both).
@@ -134,7 +130,7 @@ def _attend(block: int):
         b, kv, g, t, d = q.shape
         delta = (d_out * out).sum(axis=-1)  # (B, KV, g, T): rowsum(dO * O)
         dqs, dk, dv, after = [], None, None, d_out
-        for s, e in _spans(t, block):
+        for s, e in spans(t, block):
             n = e - s
             qb, scores = _block_scores(mx.depends(q, after), keys, s, e)
             p = mx.exp(scores - lse[:, :, :, s:e].reshape(b, kv, g * n, 1))  # (B, KV, g n, e); masked -> 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from functools import lru_cache, partial
 
-from . import on_linux_cpu, switched_off
+from . import on_linux_cpu, spans, switched_off
 
 ENV_SWITCH = "POET_MLX_QUANT_MATMUL"
 
@@ -36,8 +36,7 @@ temporaries (measured: 2 GB for Qwen2.5-0.5B's tied embedding in one piece)."""
 
 
 def _blocks(n: int, k: int) -> list[tuple[int, int]]:
-    rows = max(1, BLOCK_ELEMENTS // max(1, k))
-    return [(s, min(n, s + rows)) for s in range(0, n, rows)]
+    return spans(n, max(1, BLOCK_ELEMENTS // max(1, k)))
 
 
 def _unpack_affine(w, scales, biases, group_size: int, bits: int):
