@@ -112,7 +112,7 @@ def run_sample(spec: dict) -> dict:
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from poet_mlx.generate.sampling import sample
+    from poet_mlx.generate.sampling import batch_rows, sample
     from poet_mlx.models import load_model
 
     model, tok, _ = load_model(spec["model"])
@@ -137,6 +137,13 @@ def run_sample(spec: dict) -> dict:
         tic = time.perf_counter()
         replies = sample(model, tok, prompts[:batch], seeds, length, spec["temperature"], batch_size=batch)
         runs[length] = (time.perf_counter() - tic, sum(len(r.ids) + int(r.finished) for r in replies))
+    # The default batch (`sampling.batch_rows`: up to 64 rows) on 64 replies, 4 seeds per prompt, as eval
+    # --generate and pairs run when --batch-size is not given.
+    many, many_seeds = prompts * 4, list(range(4 * len(prompts)))
+    rows = batch_rows(model, many, n)
+    tic = time.perf_counter()
+    replies = sample(model, tok, many, many_seeds, n, spec["temperature"])
+    default_wall, default_tokens = time.perf_counter() - tic, sum(len(r.ids) + int(r.finished) for r in replies)
     (short_wall, short_tokens), (wall, tokens) = runs[min(runs)], runs[n]
     decode_tps = (tokens - short_tokens) / (wall - short_wall)
     one = single[1:] or single
@@ -146,7 +153,10 @@ def run_sample(spec: dict) -> dict:
             "batched_tokens": tokens, "batched_wall_s": wall, "batched_tps": tokens / wall,
             "batched_short": {"tokens": short_tokens, "wall_s": short_wall}, "batched_decode_tps": decode_tps,
             "decode_speedup": decode_tps / single_tps, "wall_speedup": tokens / wall / single_wall_tps,
-            "speedup": tokens / wall / single_tps, "peak_gb": mx.get_peak_memory() / 1e9}
+            "speedup": tokens / wall / single_tps, "default_rows": rows, "default_tokens": default_tokens,
+            "default_wall_s": default_wall, "default_tps": default_tokens / default_wall,
+            "default_wall_speedup": default_tokens / default_wall / single_wall_tps,
+            "peak_gb": mx.get_peak_memory() / 1e9}
 
 
 def run_profile(spec: dict) -> dict:

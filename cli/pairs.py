@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass (default: 1.0).")
     g.add_argument("--max-tokens", type=int, default=128, help="Most tokens per reply (default: 128).")
     g.add_argument("--seed", type=int, default=0, help="Seed of the replies (default: 0).")
-    g.add_argument("--batch-size", type=int, default=16, help="Replies generated together (default: 16).")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="Replies generated together (default: up to 64, fewer when their KV cache would pass 1 GiB).")
     p.add_argument("--overwrite", action="store_true", help="Start --out over instead of continuing it.")
     add_output_flags(p)
     return p

@@ -317,3 +317,18 @@ def test_least_squares_line():
 
     a, b, worst = real._line([1, 2, 4], [3, 5, 9])
     assert abs(a - 1) < 1e-9 and abs(b - 2) < 1e-9 and worst < 1e-9
+
+
+def test_peer_verdict_names_the_cases_that_meet_both_targets():
+    from benchmarks import real
+
+    #        system, case, step, epoch, peak, rss, x time, x peak, x peak same ckpt, load
+    rows = [["poet-mlx", "dpo", 4.4, 17, 1.36, 1.5, 0.44, 0.81, 0.81, 1.6],
+            ["poet-mlx", "dpo, grad ckpt", 4.9, 18, 0.75, 0.9, 0.49, 0.45, 0.80, 1.6],
+            ["poet-mlx", "dpo+poet", 5.2, 18, 0.70, 0.9, 0.52, 0.42, 0.42, 1.6],
+            ["unsloth-zoo", "dpo", 10.0, 90, 1.68, 1.9, 1.0, 1.0, 1.0, 1.6]]
+    text = real._peer_verdict(rows)
+    assert "fastest run by: dpo, grad ckpt;" in text and "same checkpointing: no case." in text
+    rows[0][8] = 0.6
+    assert "same checkpointing: dpo." in real._peer_verdict(rows)
+    assert real._peer_verdict(rows[3:]) == ""

@@ -174,13 +174,15 @@ def _assert_same_but_rounding_ties(model, prompts, seeds, got, want, tol: float 
     assert parted <= 2, f"{parted} of {len(got)} replies depend on the batch"
 
 
-def test_batched_sampling_is_independent_of_the_batch_and_greedy_matches_mlx_lm(tiny_model_dir, trained_run):
+def test_batched_sampling_is_independent_of_the_batch_and_greedy_matches_mlx_lm(tiny_model_dir, trained_run,
+                                                                                monkeypatch):
     """A reply depends on its prompt, seed and model only: batch size 1, 3 or 8 and a shuffled order give the
     same replies, but for draws that tie to float rounding; greedy batched decoding gives mlx-lm's
     single-stream greedy tokens."""
     from mlx_lm import stream_generate
 
     from poet_mlx.adapters import load_adapters
+    from poet_mlx.generate import sampling
     from poet_mlx.generate.sampling import sample
     from poet_mlx.models import load_model
 
@@ -196,6 +198,9 @@ def test_batched_sampling_is_independent_of_the_batch_and_greedy_matches_mlx_lm(
     shuffled = sample(model, tok, [prompts[i] for i in order], [seeds[i] for i in order], 16, 1.0, batch_size=8)
     _assert_same_but_rounding_ties(model, prompts, seeds, [shuffled[order.index(i)] for i in range(len(prompts))],
                                    one)
+    monkeypatch.setattr(sampling, "PREFILL_ROWS", 3)  # prompts prefilled 3 at a time, joining a batch of 8
+    _assert_same_but_rounding_ties(model, prompts, seeds, sample(model, tok, prompts, seeds, 16, 1.0, batch_size=8),
+                                   one)
     # The margin check itself: another seed's reply parts from this one at a draw that is no tie.
     with pytest.raises(AssertionError, match="not a rounding tie"):
         _assert_same_but_rounding_ties(model, prompts[:1], seeds[:1], sample(model, tok, prompts[:1], [7], 16, 1.0),
@@ -207,6 +212,31 @@ def test_batched_sampling_is_independent_of_the_batch_and_greedy_matches_mlx_lm(
         if reply.finished:
             ids = ids[:-1]  # mlx-lm yields the stop token; a Reply leaves it out
         assert reply.ids == ids
+
+
+@pytest.mark.parametrize("fixture, dtype", [("tiny_model_dir", None), ("tiny_model_dir", "bfloat16"),
+                                            ("tiny_quant_model_dir", None)])
+def test_default_batch_follows_the_kv_cache_the_model_really_fills(fixture, dtype, request, monkeypatch):
+    """kv_bytes_per_token equals the bytes mlx-lm's cache holds per token after a prefill (float32, bfloat16
+    weights: a bfloat16 cache, 4-bit); batch_rows caps the rows by KV_BUDGET_BYTES."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from poet_mlx.generate import sampling
+    from poet_mlx.models import load_model
+
+    model, _, _ = load_model(str(request.getfixturevalue(fixture)))
+    if dtype:
+        model.set_dtype(getattr(mx, dtype))
+    cache = make_prompt_cache(model)
+    model(mx.array([[1, 2, 3, 4, 5, 6, 7]]), cache=cache)
+    held = sum(a.nbytes // a.shape[2] for c in cache for a in c.state[:2])  # keys, values: (1, KV, T, D)
+    assert sampling.kv_bytes_per_token(model) == held
+    assert sampling.batch_rows(model, [[1] * 10] * 200, 22) == sampling.BATCH_SIZE  # small: the full batch
+    monkeypatch.setattr(sampling, "KV_BUDGET_BYTES", held * 32 * 5)
+    assert sampling.batch_rows(model, [[1] * 10] * 200, 22) == 5  # 5 rows of 32 tokens fill the budget
+    assert sampling.batch_rows(model, [[1] * 10, [1] * 300], 22) == 1  # never 0
+    assert sampling.batch_rows(model, [[1] * 3] * 2, 1) == 2  # never more than the prompts
 
 
 def test_seeded_sampler_draws_from_the_tempered_distribution():

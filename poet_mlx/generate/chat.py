@@ -358,24 +358,26 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def generate_replies(model, tokenizer, prompts: Iterable[str], sampling: Sampling,
-                     system: Optional[str] = None, batch_size: int = 16,
+                     system: Optional[str] = None, batch_size: Optional[int] = None,
                      template_kwargs: Optional[dict] = None) -> Iterator[dict]:
     """One record per prompt, in order: {"prompt", "reply", "tokens", "tokens_per_second", "finish_reason"}.
 
     Each prompt is one user turn (after the system prompt, if any) through the chat template. Replies are
-    sampled `batch_size` at a time (`sampling.sample`); tokens_per_second is that batch's throughput. With a
+    sampled `batch_size` at a time (None: `sampling.batch_rows`), in chunks of 4 x batch_size prompts
+    (None: `sampling.BATCH_SIZE`) whose records come out together; tokens_per_second is the chunk's throughput. With a
     seed, every prompt is sampled from that seed, so a prompt's reply does not depend on the other prompts.
     """
     import random
     import time
 
-    from .sampling import sample
+    from .sampling import BATCH_SIZE, sample
 
     sampling.check()
     prompts = list(prompts)
     rng = random.Random()
-    for start in range(0, len(prompts), 4 * batch_size):
-        chunk = prompts[start:start + 4 * batch_size]
+    size = 4 * batch_size if batch_size else BATCH_SIZE
+    for start in range(0, len(prompts), size):
+        chunk = prompts[start:start + size]
         ids = [encode_messages(tokenizer, ([{"role": "system", "content": system}] if system else [])
                                + [{"role": "user", "content": p}], template_kwargs) for p in chunk]
         seeds = [sampling.seed if sampling.seed is not None else rng.getrandbits(31) for _ in chunk]

@@ -40,7 +40,8 @@ class PairsOptions:
     top_p: float = 1.0
     seed: int = 0
     min_margin: float = 0.0
-    batch_size: int = 16
+    batch_size: Optional[int] = None
+    """Replies generated together; None: `sampling.batch_rows` (up to 64, fewer for a large KV cache)."""
     system: Optional[str] = None
     chat_template_config: Optional[str] = None
     """Extra chat-template arguments as a JSON object (mlx-lm's --chat-template-config)."""
@@ -51,7 +52,7 @@ class PairsOptions:
                     (self.temperature > 0, "--temperature must be > 0: greedy replies would all be the same"),
                     (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
                     (self.min_margin >= 0, "--min-margin must be >= 0"),
-                    (self.batch_size >= 1, "--batch-size must be >= 1")]
+                    (self.batch_size is None or self.batch_size >= 1, "--batch-size must be >= 1")]
         for ok, message in problems:
             if not ok:
                 raise PoetError(message)
