@@ -2,8 +2,9 @@
 poet-mlx: `PEER_PYTHON benchmarks/peer_runner.py '<json spec>'`.
 
 What it does before handing over to `mlx_lm_lora.train.run`:
-- OpenBLAS, unless spec["blas"] is false: imports `poet_mlx` from this checkout first (only its `blas` module
-  runs at import), so the peer's MLX gets exactly the same GEMM library and thread setting as poet-mlx.
+- OpenBLAS, unless spec["blas"] is false: imports `poet_mlx` from this checkout first (the caller's
+  `sections.PEER_ENV` leaves only its BLAS routing on), so the peer's MLX gets exactly the same GEMM library
+  and thread setting as poet-mlx.
 - Adds `max_recommended_working_set_size` to `mx.device_info()`: mlx-lm-lora reads it unconditionally
   (`mx.set_wired_limit(...)`), and MLX's CPU backend does not report it, so it fails on Linux otherwise.
 - A training callback times each step (`steps_per_report` is 1) and records mlx-lm-lora's own report.

@@ -33,12 +33,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from benchmarks import workloads
+from benchmarks import sections, workloads
 from benchmarks.report import ratio, table
 from benchmarks.sections import ROOT, load_average, run_child, train_config
 
-PEER_ENV = {"POET_MLX_JIT": "default", "POET_MLX_MALLOC": "default", "UNSLOTH_ZOO_DISABLE_GPU_INIT": "1"}
-"""Peers get poet-mlx's OpenBLAS routing and nothing else of its CPU settings."""
+PEER_ENV = {**sections.PEER_ENV, "UNSLOTH_ZOO_DISABLE_GPU_INIT": "1"}
+"""Peers get poet-mlx's OpenBLAS routing and nothing else of its CPU settings (`sections.run_child`)."""
 UNSLOTH_PIN = ["unsloth-zoo==2026.10.9"]
 UNSLOTH_BASE = ["mlx[cpu]>=0.32,<0.33", "mlx-lm>=0.32,<0.33", "scipy-openblas32"]
 
@@ -75,7 +75,7 @@ class RealPlan:
 
     @classmethod
     def medium(cls) -> "RealPlan":
-        return cls(threads=(0,), peer_batch=2, peer_length=256, profile_calls=1,
+        return cls(threads=(0,), peer_batch=2, peer_length=256, peer_steps=4, profile_calls=1,
                    growth_points=((1, 128), (2, 128), (2, 256), (4, 256)), growth_layers=(4, 16, 30),
                    growth_layers_at=(1, 128))
 
@@ -426,6 +426,52 @@ def section_growth(work: Path, plan: RealPlan, m: dict) -> tuple[dict, str]:
 
 
 ALL = ("sgemm", "step", "profile", "peers", "sampling", "qlora", "growth")
+COLD = frozenset(ALL) - {"sgemm"}
+"""Sections whose timings include MLX's first-use kernel compiles unless `warm_up` ran first."""
+
+
+def _kernel_count() -> Optional[int]:
+    """Kernels in poet-mlx's JIT folder (`backends.jit`), None where it is not in use."""
+    from poet_mlx.backends import jit
+
+    folder = jit.STATUS.folder
+    return sum(1 for _ in Path(folder).rglob("*.so")) if folder else None
+
+
+def warm_up(work: Path, plan: RealPlan, m: dict, sections: tuple) -> tuple[dict, str]:
+    """One-step runs of what the sections will time: poet-mlx per model kind at 1 x the step's length with its
+    reference pass (plain and with --grad-checkpoint), and for "peers" each installed peer at 1 x the peers'
+    length. MLX compiles its fused CPU kernels on first use and keeps them on disk, once per machine (poet-mlx's
+    in its own folder, `backends.jit`; the peers' in MLX's default one), and without this the first timed run
+    pays for it: on a fresh machine (2026-12-03) the 8 x 512 reference pass took 80 s where a warm one takes
+    ~37 s, and unsloth-zoo's first epoch 106 s against ~22 s. Kernels depend on the graph, not the batch; the
+    length sets the attention's block count, hence the sections' lengths."""
+    from benchmarks.sections import peer_python
+
+    before, tic, runs = _kernel_count(), time.perf_counter(), []
+
+    def note(system, r, **what):
+        runs.append({"system": system, **what, "seconds": r.get("wall_s"), "error": r.get("error")})
+
+    kinds = ("float32", "4-bit") if plan.qlora or "4-bit" in plan.sample_models else ("float32",)
+    for kind in kinds:
+        for ckpt in (False, True) if plan.checkpoint_rows else (False,):
+            note("poet-mlx", ours(work, m[kind], "dpo+poet", 1, plan.step_length, 1, plan.num_layers,
+                                  grad_checkpoint=ckpt), model=kind, grad_checkpoint=ckpt)
+    if "peers" in sections:
+        if (py := unsloth_python()) is not None:
+            for ckpt in (False, True) if plan.checkpoint_rows else (False,):
+                note("unsloth-zoo", unsloth(work, py, m["float32"], 1, plan.peer_length, 1, plan.num_layers, ckpt),
+                     grad_checkpoint=ckpt)
+        if (py := peer_python(None)) is not None:
+            note("mlx-lm-lora", mlx_lm_lora(work, py, m["float32"], 1, plan.peer_length, 1, plan.num_layers))
+    after = _kernel_count()
+    data = {"seconds": time.perf_counter() - tic, "kernels_before": before, "kernels_after": after, "runs": runs}
+    new = "n/a" if before is None or after is None else after - before
+    failed = [f"{r['system']}: {r['error'][:80]}" for r in runs if r["error"]]
+    return data, (f"warm-up: {len(runs)} one-step runs in {data['seconds']:.0f} s, {new} poet-mlx kernels "
+                  f"compiled (first use on this machine; not part of any timing below)"
+                  + "".join(f"\n  failed: {f}" for f in failed) + "\n")
 
 
 def run(work: Path, plan_name: str, sections: tuple = ALL) -> tuple[dict, str]:
@@ -447,6 +493,10 @@ def run(work: Path, plan_name: str, sections: tuple = ALL) -> tuple[dict, str]:
         return out["sections"].get("sgemm", {}).get("result", {}).get("best_numpy_gflops") or float("nan")
 
     best = []
+    if COLD & set(sections):
+        load_start, tic = os.getloadavg(), time.perf_counter()
+        print(f"== real: warm-up (load average {load_average():.2f})", flush=True)
+        emit("warmup", *warm_up(work, plan, m, sections), tic)
     for name in sections:
         load_start = os.getloadavg()
         tic = time.perf_counter()

@@ -65,13 +65,24 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+PEER_ENV = {"POET_MLX_JIT": "default", "POET_MLX_MALLOC": "default"}
+"""A peer's settings: it imports poet_mlx for the OpenBLAS routing only, so both sides run the same GEMMs,
+and gets none of poet-mlx's other CPU settings (its compiler flags, malloc tuning)."""
+
+
 def run_child(module: str, spec: dict, env: Optional[dict] = None, python: str = sys.executable,
               script: Optional[Path] = None, timeout: float = 900) -> dict:
     """Run `python -m benchmarks.<module> <spec>` (or `python <script> <spec>`) and return its result dict;
-    {"error": ...} when it fails."""
+    {"error": ...} when it fails. With POET_MLX_JIT=default in `env` (`PEER_ENV`) the child also gets the PATH
+    and TMPDIR from before this process's `backends.jit` set up its compiler wrapper, which a child would
+    otherwise inherit (and with it poet-mlx's kernel flags and kernels)."""
+    from poet_mlx.backends import jit
+
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     full_env.update(env or {})
+    if full_env.get(jit.ENV_SWITCH, "").lower() == "default":
+        full_env = jit.outside_env(full_env)
     cmd = [python, str(script)] if script else [python, "-m", f"benchmarks.{module}"]
     load = load_average()
     try:
@@ -205,7 +216,7 @@ def section_peer(work: Path, plan: Plan, python: Optional[str]) -> tuple[dict, s
         ours = {"ours": run_ours(work, cfg, env)}
         theirs = run_child("peer", {"blas": blas, "args": peer_args(model_dir, data_dir, work / "runs" / "peer", steps,
                                                                      batch, max_length, lora_layers)},
-                           python=python, script=ROOT / "benchmarks" / "peer_runner.py")
+                           PEER_ENV, python=python, script=ROOT / "benchmarks" / "peer_runner.py")
         if blas:  # the memory-lean settings (same pairs per optimizer step), measured in the same alternation
             ours["ours, grad_checkpoint"] = run_ours(work, {**cfg, "grad_checkpoint": True}, env)
             if batch % 2 == 0:

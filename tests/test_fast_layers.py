@@ -108,6 +108,37 @@ def test_jit_and_malloc_settings_report_what_they_did():
         assert np.allclose(np.array(fused), np.array(nn.silu(x) * 2.0), rtol=1e-5, atol=1e-6)
 
 
+def _child_jit(env: dict) -> list:
+    """[folder or None, the g++ found on PATH] as a fresh Python with `env` sees them after importing poet_mlx."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, shutil, poet_mlx, mlx.core; from poet_mlx.backends import jit; "
+            "print(json.dumps([jit.STATUS.folder, shutil.which('g++')]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_child_process_shares_the_kernel_folder_or_leaves_it():
+    """A poet-mlx child adopts its parent's kernel folder (it would otherwise take the parent's g++ wrapper
+    for the compiler and build every kernel again in a folder of its own); `outside_env` gives a child the
+    PATH and TMPDIR from before the set-up, so its MLX builds kernels as it would anywhere else."""
+    import os
+    import sys
+    from pathlib import Path
+
+    if not (sys.platform.startswith("linux") and jit.STATUS.active):
+        pytest.skip("the JIT set-up is Linux-only and active here only with g++")
+    wrapper = str(Path(jit.STATUS.folder) / "bin" / "g++")
+    assert _child_jit(dict(os.environ)) == [jit.STATUS.folder, wrapper]
+    outside = jit.outside_env({**os.environ, jit.ENV_SWITCH: "default"})
+    assert jit.INHERITED not in outside and wrapper.rsplit("/", 1)[0] not in outside["PATH"].split(os.pathsep)
+    assert outside.get("TMPDIR") != os.environ["TMPDIR"]
+    folder, compiler = _child_jit(outside)
+    assert folder is None and compiler != wrapper
+
+
 def test_run_ahead_bound_only_on_request(monkeypatch):
     import sys
 

@@ -13,7 +13,10 @@ there. So poet-mlx puts a two-line `g++` wrapper first on PATH (it adds FLAGS, t
 and points TMPDIR at its own folder in the system temp folder, keyed by the flags, the compiler and the CPU:
 kernels built without the flags (by another MLX process) are never loaded, and ours never reach another
 process. Python's `tempfile` keeps the temp folder it had (read before the change); child processes
-inherit the new TMPDIR, a subfolder of the old one.
+inherit the new TMPDIR, a subfolder of the old one, and the wrapper on PATH: a poet-mlx child adopts its
+parent's folder (`INHERITED` names it) where it would otherwise take the wrapper for the compiler, key a
+folder of its own inside the parent's and build every kernel again. `outside_env()` gives a child that
+should run as MLX builds it (a benchmark's peer) the PATH and TMPDIR from before the change.
 
 Only kernels fused by `mx.compile` benefit; MLX's own prebuilt kernels (`mx.softmax`, `mx.logsumexp`,
 `mx.sigmoid`, reductions) stay scalar, which is why `fast_layers` writes SiLU and softmax with `mx.exp`.
@@ -49,6 +52,10 @@ class JitStatus:
 
 
 STATUS = JitStatus()
+INHERITED = "POET_MLX_JIT_FOLDER"
+"""Set by `enable_fast_jit` for child processes: the kernel folder in use."""
+_BEFORE: dict = {}
+"""PATH and TMPDIR as they were before `enable_fast_jit` changed them (None: unset)."""
 
 
 def _cpu_key(compiler: str) -> str:
@@ -78,6 +85,11 @@ def enable_fast_jit() -> JitStatus:
     if switched_off(ENV_SWITCH, "default"):
         STATUS = JitStatus(False, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
         return STATUS
+    inherited = _inherited()
+    if inherited is not None:
+        STATUS = JitStatus(True, "MLX's fused CPU kernels built for this CPU (the parent process's folder)",
+                           str(inherited))
+        return STATUS
     compiler = shutil.which("g++")
     if compiler is None:
         STATUS = JitStatus(False, "no g++ on PATH: MLX runs its compiled graphs without fused kernels")
@@ -96,7 +108,42 @@ def enable_fast_jit() -> JitStatus:
     except OSError as exc:
         STATUS = JitStatus(False, f"could not prepare the kernel folder ({exc})")
         return STATUS
+    _BEFORE.update({name: os.environ.get(name) for name in ("PATH", "TMPDIR")})
     os.environ["PATH"] = f"{wrapper.parent}{os.pathsep}{os.environ.get('PATH', '')}"
     os.environ["TMPDIR"] = str(folder / "tmp")
+    os.environ[INHERITED] = str(folder)
     STATUS = JitStatus(True, "MLX's fused CPU kernels built for this CPU", str(folder))
     return STATUS
+
+
+def _inherited() -> Optional[Path]:
+    """The kernel folder a parent poet-mlx process set up, where this process still has its TMPDIR and its
+    wrapper first on PATH; None otherwise."""
+    folder = os.environ.get(INHERITED)
+    if not folder:
+        return None
+    folder = Path(folder)
+    wrapper = folder / "bin" / "g++"
+    if os.environ.get("TMPDIR") == str(folder / "tmp") and shutil.which("g++") == str(wrapper) and wrapper.is_file():
+        return folder
+    return None
+
+
+def outside_env(env: dict) -> dict:
+    """`env` (a child's environment, from os.environ) with PATH and TMPDIR as they were before
+    `enable_fast_jit` in this process or its poet-mlx parent, and without `INHERITED`: the child's MLX
+    builds its kernels as it would anywhere else. Unchanged where this process never set the JIT up."""
+    env = dict(env)
+    folder = env.pop(INHERITED, None)
+    if _BEFORE:
+        for name, value in _BEFORE.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+    elif folder:  # set up by a parent: take its wrapper off PATH and its folder off TMPDIR
+        wrapper_dir = str(Path(folder) / "bin")
+        env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != wrapper_dir)
+        if env.get("TMPDIR") == str(Path(folder) / "tmp"):
+            env["TMPDIR"] = str(Path(folder).parent)
+    return env
