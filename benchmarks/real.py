@@ -430,11 +430,22 @@ COLD = frozenset(ALL) - {"sgemm"}
 """Sections whose timings include MLX's first-use kernel compiles unless `warm_up` ran first."""
 
 
+def _cpu_name() -> Optional[str]:
+    """The CPU's model name (Linux): machines lent on different days differ, and with them the JIT kernels
+    (`-march=native`) and every rate here."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def _kernel_count() -> Optional[int]:
-    """Kernels in poet-mlx's JIT folder (`backends.jit`), None where it is not in use."""
+    """Kernels in poet-mlx's JIT folder (`backends.jit`; set up here if not yet, children adopt it), None
+    where it is not in use."""
     from poet_mlx.backends import jit
 
-    folder = jit.STATUS.folder
+    folder = jit.enable_fast_jit().folder
     return sum(1 for _ in Path(folder).rglob("*.so")) if folder else None
 
 
@@ -479,8 +490,9 @@ def run(work: Path, plan_name: str, sections: tuple = ALL) -> tuple[dict, str]:
     plan = RealPlan.plan(plan_name)
     work.mkdir(parents=True, exist_ok=True)
     m = models()
-    out = {"plan": asdict(plan), "models": m, "sections": {}}
-    texts = []
+    out = {"plan": asdict(plan), "models": m, "cpu": _cpu_name(), "sections": {}}
+    texts = [f"CPU: {out['cpu'] or 'unknown'}, {os.cpu_count()} cores\n"]
+    print(texts[0], flush=True)
 
     def emit(name, data, text, started):
         out["sections"][name] = {"seconds": time.perf_counter() - started, "load_average_start": load_start,
