@@ -455,7 +455,7 @@ def warm_up(work: Path, plan: RealPlan, m: dict, sections: tuple) -> tuple[dict,
     length. MLX compiles its fused CPU kernels on first use and keeps them on disk, once per machine (poet-mlx's
     in its own folder, `backends.jit`; the peers' in MLX's default one), and without this the first timed run
     pays for it: on a fresh machine (2026-12-03) the 8 x 512 reference pass took 80 s where a warm one takes
-    ~37 s, and unsloth-zoo's first epoch 106 s against ~22 s. Kernels depend on the graph, not the batch; the
+    ~39 s, and unsloth-zoo's first epoch (4 pairs) 106 s against 22.6 s for its next run. Kernels depend on the graph, not the batch; the
     length sets the attention's block count, hence the sections' lengths."""
     from benchmarks.sections import peer_python
 
