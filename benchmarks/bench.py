@@ -57,8 +57,8 @@ def machine() -> dict:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "load_average": os.getloadavg(), "versions": versions}
+    return {"platform": platform.platform(), "cpu": sections.cpu_name(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "load_average": os.getloadavg(), "versions": versions}
 
 
 def main(argv=None) -> int:

@@ -35,7 +35,7 @@ from typing import Optional
 
 from benchmarks import sections, workloads
 from benchmarks.report import ratio, table
-from benchmarks.sections import ROOT, load_average, run_child, train_config
+from benchmarks.sections import ROOT, cpu_name, load_average, peer_python, run_child, train_config
 
 PEER_ENV = {**sections.PEER_ENV, "UNSLOTH_ZOO_DISABLE_GPU_INIT": "1"}
 """Peers get poet-mlx's OpenBLAS routing and nothing else of its CPU settings (`sections.run_child`)."""
@@ -285,8 +285,6 @@ def section_peers(work: Path, plan: RealPlan, m: dict) -> tuple[list, str]:
         runs.append(unsloth(work, py, m["float32"], b, n, s, layers))
         if plan.checkpoint_rows:  # like for like with poet-mlx's checkpointed row (unsloth-zoo's own default)
             runs.append(unsloth(work, py, m["float32"], b, n, s, layers, grad_checkpoint=True))
-    from benchmarks.sections import peer_python
-
     if (py := peer_python(None)) is None:
         missing.append("mlx-lm-lora")
     else:
@@ -430,22 +428,8 @@ COLD = frozenset(ALL) - {"sgemm"}
 """Sections whose timings include MLX's first-use kernel compiles unless `warm_up` ran first."""
 
 
-def _cpu_name() -> Optional[str]:
-    """The CPU's model name (Linux): machines lent on different days differ, and with them the JIT kernels
-    (`-march=native`) and every rate here."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        return None
-
-
-def _kernel_count() -> Optional[int]:
-    """Kernels in poet-mlx's JIT folder (`backends.jit`; set up here if not yet, children adopt it), None
-    where it is not in use."""
-    from poet_mlx.backends import jit
-
-    folder = jit.enable_fast_jit().folder
+def _kernel_count(folder: Optional[str]) -> Optional[int]:
+    """Kernels in poet-mlx's JIT folder (`backends.jit`), None where it is not in use."""
     return sum(1 for _ in Path(folder).rglob("*.so")) if folder else None
 
 
@@ -455,30 +439,32 @@ def warm_up(work: Path, plan: RealPlan, m: dict, sections: tuple) -> tuple[dict,
     length. MLX compiles its fused CPU kernels on first use and keeps them on disk, once per machine (poet-mlx's
     in its own folder, `backends.jit`; the peers' in MLX's default one), and without this the first timed run
     pays for it: on a fresh machine (2026-12-03) the 8 x 512 reference pass took 80 s where a warm one takes
-    ~39 s, and unsloth-zoo's first epoch (4 pairs) 106 s against 22.6 s for its next run. Kernels depend on the graph, not the batch; the
-    length sets the attention's block count, hence the sections' lengths."""
-    from benchmarks.sections import peer_python
+    ~39 s, and unsloth-zoo's first epoch (4 pairs) 106 s against 22.6 s for its next run. Kernels depend on
+    the graph, not the batch; the length sets the attention's block count, hence the sections' lengths."""
+    from poet_mlx.backends import jit
 
-    before, tic, runs = _kernel_count(), time.perf_counter(), []
+    folder = jit.enable_fast_jit().folder  # here, so that the children adopt it and the count covers them
+    before, tic, runs = _kernel_count(folder), time.perf_counter(), []
+    ckpts = (False, True) if plan.checkpoint_rows else (False,)
 
     def note(system, r, **what):
         runs.append({"system": system, **what, "seconds": r.get("wall_s"), "error": r.get("error")})
 
     kinds = ("float32", "4-bit") if plan.qlora or "4-bit" in plan.sample_models else ("float32",)
     for kind in kinds:
-        for ckpt in (False, True) if plan.checkpoint_rows else (False,):
+        for ckpt in ckpts:
             note("poet-mlx", ours(work, m[kind], "dpo+poet", 1, plan.step_length, 1, plan.num_layers,
                                   grad_checkpoint=ckpt), model=kind, grad_checkpoint=ckpt)
     if "peers" in sections:
         if (py := unsloth_python()) is not None:
-            for ckpt in (False, True) if plan.checkpoint_rows else (False,):
+            for ckpt in ckpts:
                 note("unsloth-zoo", unsloth(work, py, m["float32"], 1, plan.peer_length, 1, plan.num_layers, ckpt),
                      grad_checkpoint=ckpt)
         if (py := peer_python(None)) is not None:
             note("mlx-lm-lora", mlx_lm_lora(work, py, m["float32"], 1, plan.peer_length, 1, plan.num_layers))
-    after = _kernel_count()
+    after = _kernel_count(folder)
     data = {"seconds": time.perf_counter() - tic, "kernels_before": before, "kernels_after": after, "runs": runs}
-    new = "n/a" if before is None or after is None else after - before
+    new = "n/a" if folder is None else after - before
     failed = [f"{r['system']}: {r['error'][:80]}" for r in runs if r["error"]]
     return data, (f"warm-up: {len(runs)} one-step runs in {data['seconds']:.0f} s, {new} poet-mlx kernels "
                   f"compiled (first use on this machine; not part of any timing below)"
@@ -490,8 +476,8 @@ def run(work: Path, plan_name: str, sections: tuple = ALL) -> tuple[dict, str]:
     plan = RealPlan.plan(plan_name)
     work.mkdir(parents=True, exist_ok=True)
     m = models()
-    out = {"plan": asdict(plan), "models": m, "cpu": _cpu_name(), "sections": {}}
-    texts = [f"CPU: {out['cpu'] or 'unknown'}, {os.cpu_count()} cores\n"]
+    out = {"plan": asdict(plan), "models": m, "sections": {}}
+    texts = [f"CPU: {cpu_name() or 'unknown'}, {os.cpu_count()} cores\n"]
     print(texts[0], flush=True)
 
     def emit(name, data, text, started):

@@ -65,6 +65,16 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+def cpu_name() -> Optional[str]:
+    """The CPU's model name (Linux; None elsewhere): machines lent on different days differ, and with them
+    poet-mlx's JIT kernels (`-march=native`) and every rate measured."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 PEER_ENV = {"POET_MLX_JIT": "default", "POET_MLX_MALLOC": "default"}
 """A peer's settings: it imports poet_mlx for the OpenBLAS routing only, so both sides run the same GEMMs,
 and gets none of poet-mlx's other CPU settings (its compiler flags, malloc tuning)."""
