@@ -131,9 +131,10 @@ def test_default_demo_shows_the_gap(tmp_path):
     dpo, poet = res["runs"]
     assert dpo["eval"]["rewards/accuracies"] > 0.8 and poet["eval"]["rewards/accuracies"] > 0.8
     curve = dpo["curve"]
+    every_pair = max(curve["pairs"])
     for a_dpo, a_poet, n in zip(curve["accuracy"], poet["curve"]["accuracy"], curve["pairs"]):
         if a_dpo is not None:
-            assert a_poet >= a_dpo - (0.0 if n == max(curve["pairs"]) else 1.0 / n + 1e-9)
+            assert a_poet >= a_dpo - (0.0 if n == every_pair else 1.0 / n + 1e-9)
     assert poet["generation"]["refusal"] <= dpo["generation"]["refusal"] < res["base"]["generation"]["refusal"]
 
 def _result(prefix_dpo, prefix_poet, gen_dpo, gen_poet) -> dict:
