@@ -18,7 +18,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 21
+DEFAULT_CHUNK_ELEMENTS = 1 << 20
 """Logits handled at once by the chunked computations here and in `scoring.head_in_chunks` (8 MiB of float32).
 MLX's evaluation runs up to ~10 ops ahead of the CPU (`backends.runahead`), so a few chunks' temporaries are
 alive at once: the smaller the chunk, the less that costs. Measured on SmolLM2-135M (V = 49,152), DPO at 2 x 256,

@@ -94,65 +94,82 @@ def _pad_rows(x, t: int):
 
 @lru_cache(maxsize=None)
 def _attend(block: int):
-    """A custom function (q, keys, values) -> (out, lse): blocked causal attention of pre-scaled queries
-    q (B, KV, g, T, D) over keys, values (B, KV, T, D); out (B, T, KV, g, D) (token-major, the layout the
-    output projection reads), lse (B, KV, g, T) the logsumexp of each row's scores.
-
-    The backward recomputes each block's softmax from the queries, keys and `lse` (as FlashAttention
-    does) instead of keeping it: the forward saves (T, D)-sized arrays only, where autodiff kept every
-    block's (g n, e) weights (16 x 512 tokens, SmolLM2: 94 MB a layer). Per block, with P the softmax and
-    dO the output's cotangent: dV += P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dq = dS K,
-    dK += dS^T q. Blocks run one after another (`mx.depends`): one block's (g n, e) temporaries at a time.
-    """
+    """A custom function (q, keys, values) -> (out, lse): `attend_forward` with `attend_backward` as its VJP."""
     import mlx.core as mx
 
     @mx.custom_function
     def attend(q, keys, values):
-        b, kv, g, t, d = q.shape
-        v1 = mx.concatenate([values, mx.ones((b, kv, t, 1), values.dtype)], axis=-1)  # (B, KV, T, D + 1)
-        outs, lses = [], []
-        for s, e in spans(t, block):
-            n = e - s
-            # Keys before the block are all visible: no mask over the largest part, one pass fewer (forward,
-            # 16 x 512, SmolLM2's heads, alternating: 135-187 -> 130-144 ms a layer; 4 x 256: 19 ms both).
-            qb, diag = _block_scores(q, keys, s, e, first_key=s)  # (B, KV, g n, n), masked
-            top = diag.max(axis=-1, keepdims=True)
-            if s:
-                past = qb @ keys[:, :, :s].swapaxes(-1, -2)  # (B, KV, g n, s)
-                top = mx.maximum(top, past.max(axis=-1, keepdims=True))
-                o = mx.exp(past - top) @ v1[:, :, :s] + mx.exp(diag - top) @ v1[:, :, s:e]
-            else:
-                o = mx.exp(diag - top) @ v1[:, :, s:e]  # (B, KV, g n, D + 1): unnormalized output and row sums
-            outs.append((o[..., :d] / o[..., d:]).reshape(b, kv, g, n, d).transpose(0, 3, 1, 2, 4))
-            lses.append((top + mx.log(o[..., d:])).reshape(b, kv, g, n))
-        if len(outs) == 1:
-            return mx.contiguous(outs[0]), lses[0]
-        return mx.concatenate(outs, axis=1), mx.concatenate(lses, axis=3)
+        return attend_forward(q, keys, values, block)
 
     @attend.vjp
     def attend_vjp(primals, cotangents, outputs):
-        q, keys, values = primals
-        d_out, out = (x.transpose(0, 2, 3, 1, 4) for x in (cotangents[0], outputs[0]))  # (B, KV, g, T, D) views
-        lse = outputs[1]  # an internal output: its cotangent is unused
-        b, kv, g, t, d = q.shape
-        delta = (d_out * out).sum(axis=-1)  # (B, KV, g, T): rowsum(dO * O)
-        dqs, dk, dv, after = [], None, None, d_out
-        for s, e in spans(t, block):
-            n = e - s
-            qb, scores = _block_scores(mx.depends(q, after), keys, s, e)
-            p = mx.exp(scores - lse[:, :, :, s:e].reshape(b, kv, g * n, 1))  # (B, KV, g n, e); masked -> 0
-            do = d_out[:, :, :, s:e].reshape(b, kv, g * n, d)
-            ds = p * (do @ values[:, :, :e].swapaxes(-1, -2) - delta[:, :, :, s:e].reshape(b, kv, g * n, 1))
-            dqs.append((ds @ keys[:, :, :e]).reshape(b, kv, g, n, d))
-            dk_b = _pad_rows(ds.swapaxes(-1, -2) @ qb, t)
-            dv_b = _pad_rows(p.swapaxes(-1, -2) @ do, t)
-            dk = dk_b if dk is None else dk + dk_b
-            dv = dv_b if dv is None else dv + dv_b
-            after = dqs[-1]
-        dq = dqs[0] if len(dqs) == 1 else mx.concatenate(dqs, axis=3)
-        return dq, dk.astype(keys.dtype), dv.astype(values.dtype)
+        # outputs[1] (lse) is an internal output: its cotangent is unused.
+        return attend_backward(*primals, cotangents[0], *outputs, block)
 
     return attend
+
+
+def attend_forward(q, keys, values, block: int = BLOCK):
+    """Blocked causal attention of pre-scaled queries q (B, KV, g, T, D) over keys, values (B, KV, T, D).
+
+    Returns:
+        out (B, T, KV, g, D), token-major (the layout the output projection reads), and lse (B, KV, g, T), the
+        logsumexp of each row's scores, which `attend_backward` needs.
+    """
+    import mlx.core as mx
+
+    b, kv, g, t, d = q.shape
+    v1 = mx.concatenate([values, mx.ones((b, kv, t, 1), values.dtype)], axis=-1)  # (B, KV, T, D + 1)
+    outs, lses = [], []
+    for s, e in spans(t, block):
+        n = e - s
+        # Keys before the block are all visible: no mask over the largest part, one pass fewer (forward,
+        # 16 x 512, SmolLM2's heads, alternating: 135-187 -> 130-144 ms a layer; 4 x 256: 19 ms both).
+        qb, diag = _block_scores(q, keys, s, e, first_key=s)  # (B, KV, g n, n), masked
+        top = diag.max(axis=-1, keepdims=True)
+        if s:
+            past = qb @ keys[:, :, :s].swapaxes(-1, -2)  # (B, KV, g n, s)
+            top = mx.maximum(top, past.max(axis=-1, keepdims=True))
+            o = mx.exp(past - top) @ v1[:, :, :s] + mx.exp(diag - top) @ v1[:, :, s:e]
+        else:
+            o = mx.exp(diag - top) @ v1[:, :, s:e]  # (B, KV, g n, D + 1): unnormalized output and row sums
+        outs.append((o[..., :d] / o[..., d:]).reshape(b, kv, g, n, d).transpose(0, 3, 1, 2, 4))
+        lses.append((top + mx.log(o[..., d:])).reshape(b, kv, g, n))
+    if len(outs) == 1:
+        return mx.contiguous(outs[0]), lses[0]
+    return mx.concatenate(outs, axis=1), mx.concatenate(lses, axis=3)
+
+
+def attend_backward(q, keys, values, d_out, out, lse, block: int = BLOCK):
+    """The gradients (dq, dkeys, dvalues) of `attend_forward` for the cotangent d_out of its output, from its
+    inputs and outputs (shapes as there).
+
+    Recomputes each block's softmax from the queries, keys and `lse` (as FlashAttention does) instead of
+    keeping it: the forward saves (T, D)-sized arrays only, where autodiff kept every block's (g n, e) weights
+    (16 x 512 tokens, SmolLM2: 94 MB a layer). Per block, with P the softmax and dO the output's cotangent:
+    dV += P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dq = dS K, dK += dS^T q. Blocks run one after
+    another (`mx.depends`): one block's (g n, e) temporaries at a time.
+    """
+    import mlx.core as mx
+
+    d_out, out = (x.transpose(0, 2, 3, 1, 4) for x in (d_out, out))  # (B, KV, g, T, D) views
+    b, kv, g, t, d = q.shape
+    delta = (d_out * out).sum(axis=-1)  # (B, KV, g, T): rowsum(dO * O)
+    dqs, dk, dv, after = [], None, None, d_out
+    for s, e in spans(t, block):
+        n = e - s
+        qb, scores = _block_scores(mx.depends(q, after), keys, s, e)
+        p = mx.exp(scores - lse[:, :, :, s:e].reshape(b, kv, g * n, 1))  # (B, KV, g n, e); masked -> 0
+        do = d_out[:, :, :, s:e].reshape(b, kv, g * n, d)
+        ds = p * (do @ values[:, :, :e].swapaxes(-1, -2) - delta[:, :, :, s:e].reshape(b, kv, g * n, 1))
+        dqs.append((ds @ keys[:, :, :e]).reshape(b, kv, g, n, d))
+        dk_b = _pad_rows(ds.swapaxes(-1, -2) @ qb, t)
+        dv_b = _pad_rows(p.swapaxes(-1, -2) @ do, t)
+        dk = dk_b if dk is None else dk + dk_b
+        dv = dv_b if dv is None else dv + dv_b
+        after = dqs[-1]
+    dq = dqs[0] if len(dqs) == 1 else mx.concatenate(dqs, axis=3)
+    return dq, dk.astype(keys.dtype), dv.astype(values.dtype)
 
 
 def decode_attention(queries, keys, values, scale: float, mask=None):
