@@ -1,30 +1,37 @@
-"""LoRA-adapted transformer blocks whose backward keeps less: the cheap elementwise values are recomputed.
+"""LoRA-adapted transformer blocks whose backward keeps less: what is cheap to recompute is recomputed.
 
-Autodiff of an adapted llama-style block keeps, per token, every array some backward step reads. Three of
-them cost a multiply-add or two to recompute: the normalized input of q/k/v (for their LoRA A gradients and
-no more), the normalized input of gate/up (the same), and SwiGLU's output (for down_proj's LoRA). Inside
-`mx.compile` MLX kept still more in the MLP (measured on SmolLM2's shapes, LoRA r8 on all seven projections:
-10.2K floats per token and layer compiled, 8.6K eager). Two custom functions keep only what cannot be
-recomputed cheaply:
+Autodiff of an adapted llama-style block keeps, per token, every array some backward step reads. Some of them
+cost little to recompute: the normalized input of q/k/v and that of gate/up (read by their LoRA A gradients
+only), SwiGLU's output (read by down_proj's LoRA), and the queries (a (T, H hd) array that the attention's
+backward reads, one q projection to recompute). Inside `mx.compile` MLX kept still more. Measured on
+SmolLM2-135M's shapes, LoRA r8 on all seven projections: 10.2K floats kept per token and adapted layer in a
+compiled step (8.4K eager), 5.3K with the functions below; a DPO step at 2 x 256 peaked at 1.33 GB before
+and 0.98 GB after (0.54 GB of it the float32 weights), its time unchanged or lower (4.0 -> 3.6-3.9 s), and
+the 8 x 512 step at 6.0 -> 3.8 GB (`benchmarks/real.py`). Three custom functions:
 
-- `norm_projections(norm, projections, x)`: `[p(norm(x)) for p in projections]` (q/k/v, or gate/up), keeping
+- `norm_projections(norm, parts, x)`: `[p(norm(x)) for p in projections]` (k/v, q/k/v or gate/up), keeping
   x (which the norm's own backward needs anyway) and each LoRA's (T, r) `x A`; the backward recomputes
   norm(x).
-- `swiglu_down(down, gate, up)`: `down(silu(gate) * up)`, keeping gate and up (SwiGLU's backward needs both)
+- `query_attention(norm, part, attn, x, keys, values)`: causal attention (`fast_layers.attend_forward`) whose
+  queries rope(q_proj(norm(x))) * scale are computed inside, so that its backward recomputes them.
+- `swiglu_down(part, gate, up)`: `down(silu(gate) * up)`, keeping gate and up (SwiGLU's backward needs both)
   and the LoRA's `x A`; the backward recomputes silu(gate) * up.
+Each backward makes its recomputation wait for the cotangent (`_after`): without that, `mx.compile` merged
+it with the forward's identical expression and so kept the very values this module frees.
 
 A projection is either an mlx-lm `LoRALinear` (no dropout in effect) over a frozen base, or a frozen linear
 layer; the base's own VJP gives its input gradient, so float, quantized (`fast_quant`) and biased bases all
 work. The forward runs the same operations as the modules themselves (values agree bit for bit); gradients
 agree with autodiff to float32 rounding (`tests/test_lean_lora.py`).
 
-`lean_blocks(model)` gives every block whose `__call__` is mlx-lm's llama block (the same bytecode: llama,
-qwen2/3, mistral, phi3, gemma, ... 22 classes in mlx-lm 0.32) a subclass that routes the MLP through both
-functions when its MLP is llama's, and the attention's q/k/v through `norm_projections` when its attention is
-llama's (qwen3's, with q/k norms, keeps its own). Everything else, a call with a KV cache, a block with no
-LoRA, DoRA, LoRA dropout, a trainable base or norm (full fine-tuning), takes the class's own code. Linux CPU
-only, like `fast_layers` (off with `POET_MLX_LAYERS=native`); `POET_MLX_LEAN=autodiff` switches off this part
-alone.
+`lean_blocks(model)` gives every block whose `__call__` is mlx-lm's llama block (the same bytecode: 22
+classes in mlx-lm 0.32, llama, mistral, qwen2, qwen3, gemma and phi3 among them) a subclass that routes the
+MLP through `norm_projections` and `swiglu_down` when the MLP is llama's (44 classes), and the attention
+through `norm_projections` and `query_attention` when the attention is llama's (15 classes; qwen3's, with q/k
+norms, keeps its own code, as do phi3's fused projections). Everything else takes the class's own code: a
+call with a KV cache, a block without LoRA, DoRA, LoRA dropout in effect, a trainable base or norm (full
+fine-tuning). Linux CPU only, like `fast_layers` (off with `POET_MLX_LAYERS=native`);
+`POET_MLX_LEAN=autodiff` switches off this part alone.
 """
 
 from __future__ import annotations
