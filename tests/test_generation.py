@@ -357,3 +357,40 @@ def test_eval_cli_generation_mistakes_exit_2(tiny_model_dir, tiny_data_dir, trai
     assert "pass --adapter-path" in capsys.readouterr().err
     assert cli(common + ["--adapter-path", str(trained_run), "--generate", "2", "--judge", "nope_xyz:f"]) == 2
     assert "no module named 'nope_xyz'" in capsys.readouterr().err
+
+
+def test_4bit_weights_expanded_once_for_sampling(tiny_quant_model_dir, monkeypatch):
+    """Within `fast_quant.expanded` the 4-bit layers multiply by float32 copies made once: a batch's logits
+    equal those of the expansion at every call bit for bit, no parameter is added, a budget keeps layers out,
+    and the copies go on exit. `sample` runs inside it: no decoding step expands a weight again."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from poet_mlx.backends import fast_quant
+    from poet_mlx.generate.sampling import sample
+    from poet_mlx.models import load_model
+
+    if not fast_quant.wanted():
+        pytest.skip("the 4-bit fast path is Linux CPU only")
+    model, tok, _ = load_model(str(tiny_quant_model_dir))
+    layers = [m for _, m in model.named_modules() if getattr(m, "_poet_fast_quant", False)]
+    names = sorted(k for k, _ in tree_flatten(model.parameters()))
+    tokens = mx.array([[1, 5, 9, 13, 17, 21, 25], [2, 6, 10, 14, 18, 22, 26], [3, 7, 11, 15, 19, 23, 27]])
+    ref = model(tokens)
+    with fast_quant.expanded(model) as kept:
+        assert kept == sum(4 * m["weight"].shape[0] * m["weight"].shape[1] * 8 for m in layers)
+        assert mx.array_equal(model(tokens), ref).item()
+        assert sorted(k for k, _ in tree_flatten(model.parameters())) == names
+    assert not any(fast_quant._EXPANDED in m.__dict__ for m in layers)
+    one = 4 * layers[0]["weight"].shape[0] * layers[0]["weight"].shape[1] * 8
+    with fast_quant.expanded(model, budget_bytes=one) as kept:
+        assert kept == one and [fast_quant._EXPANDED in m.__dict__ for m in layers].count(True) == 1
+
+    calls = []
+    real = fast_quant.dequantized_matmul
+    monkeypatch.setattr(fast_quant, "dequantized_matmul", lambda g, b: calls.append(1) or real(g, b))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Describe the moon."}], add_generation_prompt=True)
+    replies = sample(model, tok, [prompt] * 4, [1, 2, 3, 4], 8, 1.0)
+    assert calls == [] and all(r.ids for r in replies)
+    model(tokens)
+    assert calls, "outside sampling the layers expand at every call again"

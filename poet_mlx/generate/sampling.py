@@ -149,36 +149,47 @@ def sample(model, tokenizer, prompts: Sequence[Sequence[int]], seeds: Sequence[i
     """
     from mlx_lm.generate import BatchGenerator
 
+    from ..backends.fast_quant import expanded
+
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    stops = stop_tokens(tokenizer)
+    rows = batch_size or batch_rows(model, prompts, max_tokens)
+    samplers = None if temperature == 0 else [SeededSampler(s, temperature, top_p) for s in seeds]
     was_training = getattr(model, "training", False)
     model.eval()
-    stops = stop_tokens(tokenizer)
-    out: list = [None] * len(prompts)
-    rows = batch_size or batch_rows(model, prompts, max_tokens)
-    gen = BatchGenerator(model, stop_tokens=[[t] for t in stops], completion_batch_size=rows,
-                         prefill_batch_size=min(rows, PREFILL_ROWS))
     try:
-        samplers = None if temperature == 0 else [SeededSampler(s, temperature, top_p) for s in seeds]
-        uids = gen.insert([list(map(int, p)) for p in prompts], [max_tokens] * len(prompts), samplers=samplers)
-        where = {uid: i for i, uid in enumerate(uids)}
-        tokens = {uid: [] for uid in uids}
-        done = 0
-        while responses := gen.next_generated():
-            for r in responses:
-                if r.finish_reason == "stop":  # the stop token itself is not part of the reply
-                    out[where[r.uid]] = Reply(tokenizer.decode(tokens[r.uid]), tokens[r.uid], True)
-                else:
-                    tokens[r.uid].append(int(r.token))
-                    if r.finish_reason is not None:
-                        out[where[r.uid]] = Reply(tokenizer.decode(tokens[r.uid]), tokens[r.uid], False)
-                if r.finish_reason is not None:
-                    done += 1
-                    if progress:
-                        progress(done, len(prompts))
+        # 4-bit layers on Linux: weights expanded to float32 once for the whole run, not at every decoding step.
+        with expanded(model):
+            gen = BatchGenerator(model, stop_tokens=[[t] for t in stops], completion_batch_size=rows,
+                                 prefill_batch_size=min(rows, PREFILL_ROWS))
+            try:
+                return _collect(gen, tokenizer, prompts, max_tokens, samplers, progress)
+            finally:
+                gen.close()
     finally:
-        gen.close()
         model.train(was_training)
+
+
+def _collect(gen, tokenizer, prompts, max_tokens: int, samplers, progress) -> list[Reply]:
+    """Run a BatchGenerator over the prompts to the end: one Reply per prompt, in input order."""
+    out: list = [None] * len(prompts)
+    uids = gen.insert([list(map(int, p)) for p in prompts], [max_tokens] * len(prompts), samplers=samplers)
+    where = {uid: i for i, uid in enumerate(uids)}
+    tokens = {uid: [] for uid in uids}
+    done = 0
+    while responses := gen.next_generated():
+        for r in responses:
+            if r.finish_reason == "stop":  # the stop token itself is not part of the reply
+                out[where[r.uid]] = Reply(tokenizer.decode(tokens[r.uid]), tokens[r.uid], True)
+            else:
+                tokens[r.uid].append(int(r.token))
+                if r.finish_reason is not None:
+                    out[where[r.uid]] = Reply(tokenizer.decode(tokens[r.uid]), tokens[r.uid], False)
+            if r.finish_reason is not None:
+                done += 1
+                if progress:
+                    progress(done, len(prompts))
     return out
 
 
