@@ -5,17 +5,18 @@ cost little to recompute: the normalized input of q/k/v and that of gate/up (rea
 only), SwiGLU's output (read by down_proj's LoRA), and the queries (a (T, H hd) array that the attention's
 backward reads, one q projection to recompute). Inside `mx.compile` MLX kept still more. Measured on
 SmolLM2-135M's shapes, LoRA r8 on all seven projections: 10.2K floats kept per token and adapted layer in a
-compiled step (8.4K eager), 5.3K with the functions below; a DPO step at 2 x 256 peaked at 1.33 GB before
-and 0.98 GB after (0.54 GB of it the float32 weights), its time unchanged or lower (4.0 -> 3.6-3.9 s), and
+compiled step (8.4K eager), 5.3K with the functions below; a DPO step at 2 x 256 peaked at 1.28 GB before
+and 0.98 GB after (0.54 GB of it the float32 weights) for ~7% more time (3.58 vs 3.33 s, alternating runs),
 the 8 x 512 step at 6.0 -> 3.8 GB (`benchmarks/real.py`). Three custom functions:
 
-- `norm_projections(norm, parts, x)`: `[p(norm(x)) for p in projections]` (k/v, q/k/v or gate/up), keeping
-  x (which the norm's own backward needs anyway) and each LoRA's (T, r) `x A`; the backward recomputes
-  norm(x).
-- `query_attention(norm, part, attn, x, keys, values)`: causal attention (`fast_layers.attend_forward`) whose
-  queries rope(q_proj(norm(x))) * scale are computed inside, so that its backward recomputes them.
-- `swiglu_down(part, gate, up)`: `down(silu(gate) * up)`, keeping gate and up (SwiGLU's backward needs both)
-  and the LoRA's `x A`; the backward recomputes silu(gate) * up.
+- `causal_attention(norm, parts, attn, x)`: the attention up to o_proj (q/k/v projections, RoPE, the blocked
+  causal attention of `fast_layers`), keeping x (which the norm's own backward needs anyway), the keys,
+  values, output, row logsumexps and each LoRA's (T, r) `x A`; the backward recomputes norm(x) and the
+  queries.
+- `swiglu_mlp(norm, parts, x)`: `down(silu(gate(norm(x))) * up(norm(x)))`, keeping x, gate and up (SwiGLU's
+  backward needs both) and the LoRAs' `x A`; the backward recomputes norm(x) and silu(gate) * up.
+- `norm_projections(norm, parts, x)`: `[p(norm(x)) for p in projections]`, for an attention with another
+  mask than the causal one: keeps x and the `x A`'s, recomputes norm(x).
 Each backward makes its recomputation wait for the cotangent (`_after`): without that, `mx.compile` merged
 it with the forward's identical expression and so kept the very values this module frees.
 
@@ -26,9 +27,9 @@ agree with autodiff to float32 rounding (`tests/test_lean_lora.py`).
 
 `lean_blocks(model)` gives every block whose `__call__` is mlx-lm's llama block (the same bytecode: 22
 classes in mlx-lm 0.32, llama, mistral, qwen2, qwen3, gemma and phi3 among them) a subclass that routes the
-MLP through `norm_projections` and `swiglu_down` when the MLP is llama's (44 classes), and the attention
-through `norm_projections` and `query_attention` when the attention is llama's (15 classes; qwen3's, with q/k
-norms, keeps its own code, as do phi3's fused projections). Everything else takes the class's own code: a
+MLP through `swiglu_mlp` when the MLP is llama's (44 classes), and the attention through `causal_attention`
+(with another mask, `norm_projections`) when the attention is llama's (15 classes; qwen3's, with q/k norms,
+keeps its own code, as do phi3's fused projections). Everything else takes the class's own code: a
 call with a KV cache, a block without LoRA, DoRA, LoRA dropout in effect, a trainable base or norm (full
 fine-tuning). Linux CPU only, like `fast_layers` (off with `POET_MLX_LAYERS=native`);
 `POET_MLX_LEAN=autodiff` switches off this part alone.
@@ -164,14 +165,15 @@ def norm_projections(norm, parts: list, x) -> list:
     return list(project(x, _adapters(parts))[:n])
 
 
-def query_attention(norm, part: tuple, attn, x, keys, values):
-    """Causal attention (`fast_layers.attend_forward`) whose queries rope(part(norm(x))) * scale are computed
-    inside, so that the backward recomputes them from x instead of keeping them: one (T, H hd) array less per
-    layer, for one more q projection per token in the backward.
+def causal_attention(norm, parts: list, attn, x):
+    """mlx-lm's llama attention up to o_proj, on norm(x) with a causal mask: the q/k/v projections `parts`,
+    RoPE and the blocked causal attention (`fast_layers.attend_forward`) in one custom function, whose backward
+    recomputes norm(x) and the queries (one q projection more per token) instead of keeping them, and runs
+    the norm's backward once for q, k and v.
 
     Args:
-        norm, part: as for `norm_projections` (part: the q projection); attn: the attention module (its
-            n_heads, rope and scale); x: (B, T, D), the block's input; keys, values: (B, KV, T, hd), after RoPE.
+        norm: the frozen input norm; parts: `_projection` of q_proj, k_proj, v_proj; attn: the attention
+            module (its n_heads, n_kv_heads, rope and scale); x: (B, T, D), the block's input.
 
     Returns:
         (B, T, H hd), the layout o_proj reads.
@@ -179,63 +181,80 @@ def query_attention(norm, part: tuple, attn, x, keys, values):
     import mlx.core as mx
 
     b, t, _ = x.shape
-    heads, kv = attn.n_heads, keys.shape[1]
+    heads, kv = attn.n_heads, attn.n_kv_heads
 
-    def queries(h, adapter):
-        """(q (B, KV, g, T, hd) scaled, [its x A] or [], the projection before RoPE (B, H, T, hd))."""
-        (y,), kept = _project([part], [adapter], h)
-        pre = y.reshape(b, t, heads, -1).transpose(0, 2, 1, 3)
-        return (attn.rope(pre) * attn.scale).reshape(b, kv, heads // kv, t, -1), kept, pre
+    def split_heads(y, n):
+        return y.reshape(b, t, n, -1).transpose(0, 2, 1, 3)  # (B, T, n hd) -> (B, n, T, hd)
+
+    def merge_heads(y):
+        return y.transpose(0, 2, 1, 3).reshape(b, t, -1)  # (B, n, T, hd) -> (B, T, n hd)
+
+    def scaled_queries(q):
+        """(B, T, H hd) projections -> rope(q) * scale as (B, KV, g, T, hd), the g query heads of each key/value
+        head together; and q as (B, H, T, hd)."""
+        q = split_heads(q, heads)
+        return (attn.rope(q) * attn.scale).reshape(b, kv, heads // kv, t, -1), q
 
     @mx.custom_function
-    def attention(x, adapter, keys, values):
-        q, kept, _ = queries(norm(x), adapter)
-        out, lse = fast_layers.attend_forward(q, keys, values)  # out: (B, T, KV, g, hd)
-        return (out if out.dtype == q.dtype else out.astype(q.dtype), lse, *kept)
+    def attention(x, adapters):
+        (q, k, v), kept = _project(parts, adapters, norm(x))
+        keys, values = attn.rope(split_heads(k, kv)), split_heads(v, kv)  # (B, KV, T, hd)
+        out, lse = fast_layers.attend_forward(scaled_queries(q)[0], keys, values)  # out: (B, T, KV, g, hd)
+        return (out, lse, keys, values, *kept)  # all but out internal, kept for the backward
 
     @attention.vjp
     def attention_vjp(primals, cotangents, outputs):
-        x, adapter, keys, values = primals
+        x, adapters = primals
+        out, lse, keys, values = outputs[:4]
         x = _after(x, cotangents[:1])
-        h = norm(x)
-        q, _, pre = queries(h, adapter)  # recomputed
-        dq, dk, dv = fast_layers.attend_backward(q, keys, values, cotangents[0], outputs[0], outputs[1])
-        d_pre = mx.vjp(attn.rope, [pre], [dq.reshape(b, heads, t, -1) * attn.scale])[1][0]  # (B, H, T, hd)
-        dx, (d_adapter,) = _project_backward(norm, [part], [adapter], x, h, list(outputs[2:]),
-                                             [d_pre.transpose(0, 2, 1, 3).reshape(b, t, -1)])
-        return dx, d_adapter, dk, dv
+        h = norm(x)  # recomputed, and the queries from it
+        base, scale, _ = parts[0]
+        q, q_heads = scaled_queries(_apply(base, scale, adapters[0] or None, h)[0])
+        dq, dk, dv = fast_layers.attend_backward(q, keys, values, cotangents[0], out, lse)
+        # RoPE is linear: its VJP needs the input's shape only (the keys stand in for the projections).
+        dq = mx.vjp(attn.rope, [q_heads], [dq.reshape(b, heads, t, -1) * attn.scale])[1][0]
+        dk = mx.vjp(attn.rope, [keys], [dk])[1][0]
+        return _project_backward(norm, parts, adapters, x, h, list(outputs[4:]),
+                                 [merge_heads(dq), merge_heads(dk), merge_heads(dv)])
 
-    return attention(x, part[2] or [], keys, values)[0].reshape(b, t, -1)
+    return attention(x, _adapters(parts))[0].reshape(b, t, -1)  # the projections' dtype, as mlx-lm's
 
 
-def swiglu_down(part: tuple, gate, up):
-    """down(silu(gate) * up), its backward recomputing silu(gate) * up instead of keeping it.
+def swiglu_mlp(norm, parts: list, x):
+    """mlx-lm's llama MLP on norm(x), down(silu(gate) * up), in one custom function that keeps x, gate and up
+    (SwiGLU's backward needs both) and the LoRAs' x A; the backward recomputes norm(x) and silu(gate) * up.
 
     Args:
-        part: `_projection` of the down projection; gate, up: (B, T, I).
+        norm: the frozen post-attention norm; parts: `_projection` of gate_proj, up_proj, down_proj;
+            x: (B, T, D).
 
     Returns:
         (B, T, D).
     """
     import mlx.core as mx
 
-    base, scale, _ = part
+    base, scale, _ = parts[2]
 
     @mx.custom_function
-    def down(gate, up, adapter):
-        y, xa = _apply(base, scale, adapter or None, _swiglu(gate, up))
-        return (y,) if xa is None else (y, xa)
+    def mlp(x, adapters):
+        (gate, up), kept = _project(parts[:2], adapters[:2], norm(x))
+        y, xa = _apply(base, scale, adapters[2] or None, _swiglu(gate, up))
+        return (y, gate, up, *kept, *([] if xa is None else [xa]))  # all but y internal, kept for the backward
 
-    @down.vjp
-    def down_vjp(primals, cotangents, outputs):
-        gate, up, adapter = primals
-        gate, up = _after([gate, up], cotangents[:1])
+    @mlp.vjp
+    def mlp_vjp(primals, cotangents, outputs):
+        x, adapters = primals
+        kept = list(outputs[3:])
+        xa = kept.pop() if adapters[2] else None
+        gate, up = _after(list(outputs[1:3]), cotangents[:1])
         a = _swiglu(gate, up)  # recomputed
-        da, grads = _input_grad(base, scale, adapter or None, a, outputs[1] if adapter else None, cotangents[0])
+        da, d_down = _input_grad(base, scale, adapters[2] or None, a, xa, cotangents[0])
         d_gate, d_up = _swiglu_grads(gate, up, da)
-        return d_gate, d_up, grads or []
+        x = _after(x, [d_gate, d_up])
+        dx, grads = _project_backward(norm, parts[:2], adapters[:2], x, norm(x), kept, [d_gate, d_up])
+        return dx, grads + [d_down or []]
 
-    return down(gate, up, _adapters([part])[0])[0]
+    return mlp(x, _adapters(parts))[0]
 
 
 def _after(inputs, cotangents):
@@ -286,22 +305,20 @@ def _is_llama(module, kind: str) -> bool:
 
 
 def _lean_mlp(block, h):
-    """block.mlp(block.post_attention_layernorm(h)) through the two custom functions, or None where they do
-    not apply."""
+    """block.mlp(block.post_attention_layernorm(h)) through `swiglu_mlp`, or None where it does not apply."""
     mlp, norm = block.mlp, block.post_attention_layernorm
     if not _is_llama(mlp, "mlp") or not _frozen(norm):
         return None
     parts = _projections((mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     if parts is None:
         return None
-    gate, up = norm_projections(norm, parts[:2], h)
-    return swiglu_down(parts[2], gate, up)
+    return swiglu_mlp(norm, parts, h)
 
 
 def _lean_attention(block, x, mask):
-    """block.self_attn(block.input_layernorm(x), mask), with q/k/v through `norm_projections`, or with the
-    queries inside `query_attention` where the attention is causal; the rest is mlx-lm's llama attention,
-    line for line. None where neither applies."""
+    """block.self_attn(block.input_layernorm(x), mask): through `causal_attention` where the attention is
+    causal, else with q/k/v through `norm_projections` and the rest mlx-lm's llama attention, line for line.
+    None where neither applies."""
     attn, norm = block.self_attn, block.input_layernorm
     if not _is_llama(attn, "attention") or not _frozen(norm):
         return None
@@ -312,10 +329,7 @@ def _lean_attention(block, x, mask):
     b, t, _ = x.shape
     if (sdpa is fast_layers._sdpa and isinstance(mask, str) and mask == "causal"
             and attn.n_heads % attn.n_kv_heads == 0):  # what `fast_layers._sdpa` gives `causal_attention`
-        keys, values = norm_projections(norm, parts[1:], x)
-        keys = attn.rope(keys.reshape(b, t, attn.n_kv_heads, -1).transpose(0, 2, 1, 3))  # (B, KV, T, hd)
-        values = values.reshape(b, t, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        return attn.o_proj(query_attention(norm, parts[0], attn, x, keys, values))
+        return attn.o_proj(causal_attention(norm, parts, attn, x))
     queries, keys, values = norm_projections(norm, parts, x)
     queries = attn.rope(queries.reshape(b, t, attn.n_heads, -1).transpose(0, 2, 1, 3))  # (B, H, T, hd)
     keys = attn.rope(keys.reshape(b, t, attn.n_kv_heads, -1).transpose(0, 2, 1, 3))  # (B, KV, T, hd)
