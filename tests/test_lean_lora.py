@@ -113,7 +113,8 @@ def test_lora_on_some_projections_the_frozen_ones_pass_gradients_through(keys):
     assert_same_grads(model)
 
 
-@pytest.mark.parametrize("model_type, extra", [("qwen2", {}), ("gemma", {"head_dim": 16}), ("qwen3", {"head_dim": 16, "rope_theta": 10000.0})])
+@pytest.mark.parametrize("model_type, extra", [("qwen2", {}), ("gemma", {"head_dim": 16}),
+                                               ("qwen3", {"head_dim": 16, "rope_theta": 10000.0})])
 def test_other_architectures(model_type, extra):
     """qwen2: biased q/k/v; gemma: its own norm (1 + w) and MLP (GELU: mlx-lm's code); qwen3: its own attention
     (q/k norms: mlx-lm's code), its MLP goes lean."""

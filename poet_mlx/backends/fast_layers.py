@@ -8,12 +8,14 @@ the same numbers another way:
 - grouped-query heads as one matmul per key/value head (queries of a group stacked), no repeat;
 - the queries in blocks of BLOCK: block i sees keys [0, end of block i) only, so the masked upper
   triangle is mostly never computed (10/16 of the scores at T = 512, BLOCK = 128);
-- exp(s - max) as one fused elementwise kernel (`jit` builds it vectorized), and the normalizer from the
-  value matmul itself: [V | 1] gives the output and the row sums together, so the (T, T) matrix is never
-  summed or divided;
+- exp(s - max) as one fused elementwise kernel (`jit` builds it vectorized), the row maxima over scores laid
+  out key-major (a reduction MLX runs 3x faster than over the last axis), and the normalizer from the value
+  matmul itself: [V | 1] gives the output and the row sums together, so the (T, T) matrix is never summed
+  or divided;
 - a backward that recomputes each block's softmax from the queries, keys and the rows' logsumexp (a custom
   VJP, as in FlashAttention) instead of keeping every block's softmax weights, about a (T, T) array per
-  head and row (at 16 x 512 tokens, SmolLM2: 94 MB a layer, 2.8 GB a step);
+  head and row (at 16 x 512 tokens, SmolLM2: 94 MB a layer, 2.8 GB a step), with the rows' logsumexps and
+  the rowsum(dO * O) terms folded into its matmuls (`attend_backward`);
 - the output written token-major, (B, T, H, D), the layout o_proj reads: the model's transpose and reshape
   then copy nothing, and o_proj's LoRA keeps the attention's own output for its backward instead of a
   second copy (a DPO step's peak at 2 x 256: 1.36 -> 1.33 GB; attention forward + backward alone the same,
@@ -23,8 +25,10 @@ prebuilt kernel even inside `mx.compile`; `g / (1 + exp(-g)) * x` fuses into one
 custom backward that recomputes the sigmoid keeps only g and x (a DPO step's peak at 2 x 256: 1.56 -> 1.36 GB).
 
 Measured on 2 cores, 16 x 512 tokens, SmolLM2's 9/3 heads: attention forward + backward 1,045 ms ->
-450 ms; the recomputing backward then lowered a DPO step's peak at 2 x 256 from 1.66 to 1.53 GB, time
-unchanged (7.9-8.5 s against 7.9-8.0 s, alternating runs); see `benchmarks/real.py` for whole steps.
+450 ms (an AMD EPYC; on 2026-12-07, an Intel Xeon, forward 143 -> 117 ms and backward 300 -> 216 ms a
+layer with the key-major maxima and the folded backward); the recomputing backward then lowered a DPO
+step's peak at 2 x 256 from 1.66 to 1.53 GB, time unchanged (7.9-8.5 s against 7.9-8.0 s, alternating
+runs); see `benchmarks/real.py` for whole steps.
 Both agree with the originals to float32 rounding (attention ~1e-6, `tests/test_fast_layers.py`).
 
 `accelerate_layers(model)` gives each attention or MLP module whose class calls mlx-lm's
@@ -131,7 +135,8 @@ def attend_forward(q, keys, values, block: int = BLOCK):
         if s:
             past = keys[:, :, :s] @ qt  # (B, KV, s, g n)
             top = mx.maximum(top, past.max(axis=-2, keepdims=True))
-            o = mx.exp(past - top).swapaxes(-1, -2) @ v1[:, :, :s] + mx.exp(diag - top).swapaxes(-1, -2) @ v1[:, :, s:e]
+            o = (mx.exp(past - top).swapaxes(-1, -2) @ v1[:, :, :s]
+                 + mx.exp(diag - top).swapaxes(-1, -2) @ v1[:, :, s:e])
         else:
             o = mx.exp(diag - top).swapaxes(-1, -2) @ v1[:, :, s:e]  # (B, KV, g n, D + 1): output, row sums
         outs.append((o[..., :d] / o[..., d:]).reshape(b, kv, g, n, d).transpose(0, 3, 1, 2, 4))
