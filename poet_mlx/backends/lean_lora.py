@@ -165,6 +165,18 @@ def norm_projections(norm, parts: list, x) -> list:
     return list(project(x, _adapters(parts))[:n])
 
 
+def _split_heads(y, n: int):
+    """(B, T, n hd) -> (B, n, T, hd)."""
+    b, t, _ = y.shape
+    return y.reshape(b, t, n, -1).transpose(0, 2, 1, 3)
+
+
+def _merge_heads(y):
+    """(B, n, T, hd) -> (B, T, n hd)."""
+    b, _, t, _ = y.shape
+    return y.transpose(0, 2, 1, 3).reshape(b, t, -1)
+
+
 def causal_attention(norm, parts: list, attn, x):
     """mlx-lm's llama attention up to o_proj, on norm(x) with a causal mask: the q/k/v projections `parts`,
     RoPE and the blocked causal attention (`fast_layers.attend_forward`) in one custom function, whose backward
@@ -183,22 +195,16 @@ def causal_attention(norm, parts: list, attn, x):
     b, t, _ = x.shape
     heads, kv = attn.n_heads, attn.n_kv_heads
 
-    def split_heads(y, n):
-        return y.reshape(b, t, n, -1).transpose(0, 2, 1, 3)  # (B, T, n hd) -> (B, n, T, hd)
-
-    def merge_heads(y):
-        return y.transpose(0, 2, 1, 3).reshape(b, t, -1)  # (B, n, T, hd) -> (B, T, n hd)
-
     def scaled_queries(q):
         """(B, T, H hd) projections -> rope(q) * scale as (B, KV, g, T, hd), the g query heads of each key/value
         head together; and q as (B, H, T, hd)."""
-        q = split_heads(q, heads)
+        q = _split_heads(q, heads)
         return (attn.rope(q) * attn.scale).reshape(b, kv, heads // kv, t, -1), q
 
     @mx.custom_function
     def attention(x, adapters):
         (q, k, v), kept = _project(parts, adapters, norm(x))
-        keys, values = attn.rope(split_heads(k, kv)), split_heads(v, kv)  # (B, KV, T, hd)
+        keys, values = attn.rope(_split_heads(k, kv)), _split_heads(v, kv)  # (B, KV, T, hd)
         out, lse = fast_layers.attend_forward(scaled_queries(q)[0], keys, values)  # out: (B, T, KV, g, hd)
         return (out, lse, keys, values, *kept)  # all but out internal, kept for the backward
 
@@ -215,7 +221,7 @@ def causal_attention(norm, parts: list, attn, x):
         dq = mx.vjp(attn.rope, [q_heads], [dq.reshape(b, heads, t, -1) * attn.scale])[1][0]
         dk = mx.vjp(attn.rope, [keys], [dk])[1][0]
         return _project_backward(norm, parts, adapters, x, h, list(outputs[4:]),
-                                 [merge_heads(dq), merge_heads(dk), merge_heads(dv)])
+                                 [_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)])
 
     return attention(x, _adapters(parts))[0].reshape(b, t, -1)  # the projections' dtype, as mlx-lm's
 
@@ -304,15 +310,19 @@ def _is_llama(module, kind: str) -> bool:
     return _same_code(getattr(type(module), "__call__", None), _llama_codes()[kind])
 
 
+def _lean_parts(module, norm, kind: str, names: tuple) -> Optional[list]:
+    """`_projection` of each of the module's projections `names`, where the module's class is llama's `kind`
+    and its norm is frozen; else None."""
+    if not _is_llama(module, kind) or not _frozen(norm):
+        return None
+    return _projections(tuple(getattr(module, n) for n in names))
+
+
 def _lean_mlp(block, h):
     """block.mlp(block.post_attention_layernorm(h)) through `swiglu_mlp`, or None where it does not apply."""
-    mlp, norm = block.mlp, block.post_attention_layernorm
-    if not _is_llama(mlp, "mlp") or not _frozen(norm):
-        return None
-    parts = _projections((mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-    if parts is None:
-        return None
-    return swiglu_mlp(norm, parts, h)
+    norm = block.post_attention_layernorm
+    parts = _lean_parts(block.mlp, norm, "mlp", ("gate_proj", "up_proj", "down_proj"))
+    return None if parts is None else swiglu_mlp(norm, parts, h)
 
 
 def _lean_attention(block, x, mask):
@@ -320,22 +330,18 @@ def _lean_attention(block, x, mask):
     causal, else with q/k/v through `norm_projections` and the rest mlx-lm's llama attention, line for line.
     None where neither applies."""
     attn, norm = block.self_attn, block.input_layernorm
-    if not _is_llama(attn, "attention") or not _frozen(norm):
-        return None
-    parts = _projections((attn.q_proj, attn.k_proj, attn.v_proj))
+    parts = _lean_parts(attn, norm, "attention", ("q_proj", "k_proj", "v_proj"))
     if parts is None:
         return None
     sdpa = type(attn).__call__.__globals__["scaled_dot_product_attention"]  # fast_layers' where it applies
-    b, t, _ = x.shape
     if (sdpa is fast_layers._sdpa and isinstance(mask, str) and mask == "causal"
             and attn.n_heads % attn.n_kv_heads == 0):  # what `fast_layers._sdpa` gives `causal_attention`
         return attn.o_proj(causal_attention(norm, parts, attn, x))
     queries, keys, values = norm_projections(norm, parts, x)
-    queries = attn.rope(queries.reshape(b, t, attn.n_heads, -1).transpose(0, 2, 1, 3))  # (B, H, T, hd)
-    keys = attn.rope(keys.reshape(b, t, attn.n_kv_heads, -1).transpose(0, 2, 1, 3))  # (B, KV, T, hd)
-    values = values.reshape(b, t, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-    out = sdpa(queries, keys, values, cache=None, scale=attn.scale, mask=mask)
-    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(b, t, -1))
+    queries = attn.rope(_split_heads(queries, attn.n_heads))  # (B, H, T, hd)
+    keys = attn.rope(_split_heads(keys, attn.n_kv_heads))  # (B, KV, T, hd)
+    out = sdpa(queries, keys, _split_heads(values, attn.n_kv_heads), cache=None, scale=attn.scale, mask=mask)
+    return attn.o_proj(_merge_heads(out))
 
 
 def _adapted(block) -> bool:
