@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from functools import lru_cache, partial
+from typing import Optional
 
 from . import on_linux_cpu, spans, switched_off
 
@@ -151,7 +152,8 @@ def _embedding_as_linear(self, x):
 # -- weights expanded once, for sampling -------------------------------------------------------------------------
 
 EXPAND_BUDGET_BYTES = 1 << 30
-"""Float32 weights `expanded` keeps at most (1 GiB: all of a ~250M-parameter model, part of a larger one)."""
+"""Float32 weights `expanded` keeps at most by default (1 GiB: all of a ~250M-parameter model, part of a larger
+one), and never more than an eighth of the machine's memory (`expand_budget`)."""
 _EXPANDED = "_poet_expanded"
 """The instance attribute (not an MLX parameter) holding a layer's expanded float32 row blocks."""
 
@@ -169,10 +171,22 @@ def _in_features(module) -> int:
     return module["weight"].shape[1] * 32 // module.bits
 
 
+def expand_budget() -> int:
+    """The default budget of `expanded`: EXPAND_BUDGET_BYTES, at most an eighth of the physical memory."""
+    import os
+
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return EXPAND_BUDGET_BYTES
+    return min(EXPAND_BUDGET_BYTES, memory // 8)
+
+
 @contextmanager
-def expanded(model, budget_bytes: int = EXPAND_BUDGET_BYTES):
+def expanded(model, budget_bytes: Optional[int] = None):
     """Within the block, the model's accelerated quantized layers multiply by float32 copies of their weights,
-    expanded once on entry (as long as the copies fit `budget_bytes`, layer by layer in the model's order),
+    expanded once on entry (as long as the copies fit `budget_bytes`, default `expand_budget()`, layer by layer
+    in the model's order),
     instead of expanding them at every call; the copies are dropped on exit. For sampling, where every
     decoding step reads every weight: expanding them all at each step made 4-bit sampling at 16 rows 2.5x
     slower than float32. Every row count then takes this path, so a reply no longer depends on how many
@@ -181,6 +195,7 @@ def expanded(model, budget_bytes: int = EXPAND_BUDGET_BYTES):
     """
     import mlx.core as mx
 
+    budget_bytes = expand_budget() if budget_bytes is None else budget_bytes
     kept, used = [], 0
     try:
         for _, module in model.named_modules():
