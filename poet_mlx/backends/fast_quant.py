@@ -187,11 +187,10 @@ def expanded(model, budget_bytes: Optional[int] = None):
     """Within the block, the model's accelerated quantized layers multiply by float32 copies of their weights,
     expanded once on entry (as long as the copies fit `budget_bytes`, default `expand_budget()`, layer by
     layer in the model's order), instead of expanding them at every call; the copies are dropped on exit.
-    For sampling, where every
-    decoding step reads every weight: expanding them all at each step made 4-bit sampling at 16 rows 2.5x
-    slower than float32. Every row count then takes this path, so a reply no longer depends on how many
-    rows its batch had left (below `NATIVE_BELOW_ROWS` the layers used MLX's own kernel, which rounds
-    otherwise). Yields the bytes kept; changes nothing where no layer is accelerated.
+    For sampling, where every decoding step reads every weight: expanding them all at each step made 4-bit
+    sampling at 16 rows 2.5x slower than float32. Every row count then takes this path, so a reply no longer
+    depends on how many rows its batch had left (below `NATIVE_BELOW_ROWS` the layers used MLX's own kernel,
+    which rounds otherwise). Yields the bytes kept; changes nothing where no layer is accelerated.
     """
     import mlx.core as mx
 
