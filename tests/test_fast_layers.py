@@ -187,3 +187,45 @@ def test_run_ahead_bound_only_on_request(monkeypatch):
             assert not status.startswith("bounded")
     finally:
         mx.set_memory_limit(before)
+
+
+def test_swiglu_backward_recomputes_rather_than_keeping_the_forwards_exp():
+    """Under mx.compile a backward that recomputes exp(-g) from g itself is merged with the forward's identical
+    exp(-g), which is then kept from the forward on: one (T, I) array per layer. Measured on this stack of 6
+    MLPs: peak 20.25 such arrays that way, 15.25 with the recomputation made to wait for the cotangent
+    (a SmolLM2 DPO step at 2 x 256 with POET_MLX_LEAN=autodiff: 1.28 -> 1.185 GB)."""
+
+    @mx.custom_function
+    def merged(gate, x):
+        return fast_layers.swiglu_value(gate, x)
+
+    @merged.vjp
+    def merged_vjp(primals, cotangent, output):
+        return fast_layers.swiglu_grads(*primals, cotangent)
+
+    layers, t, d, i = 6, 1024, 128, 1024
+    ws = [[mx.random.normal(s, key=mx.random.key(3 * j + k)) * 0.05 for k, s in enumerate(((d, i), (d, i), (i, d)))]
+          for j in range(layers)]
+    x = mx.random.normal((t, d), key=mx.random.key(99))
+    mx.eval(ws, x)
+
+    def peak(swiglu) -> float:
+        def loss(x):
+            h = x
+            for w1, w2, w3 in ws:
+                h = h + swiglu(h @ w1, h @ w2) @ w3
+            return (h * h).sum()
+
+        step = mx.compile(mx.value_and_grad(loss))
+        mx.eval(step(x))
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(step(x))
+        return (mx.get_peak_memory() - base) / (t * i * 4)
+
+    limit = mx.set_memory_limit(0)  # no run-ahead: the peak does not depend on thread timing
+    try:
+        ours, kept = peak(fast_layers._swiglu), peak(merged)
+    finally:
+        mx.set_memory_limit(limit)
+    assert ours <= kept - 3, (ours, kept)

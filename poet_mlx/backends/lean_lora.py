@@ -6,7 +6,7 @@ only), SwiGLU's output (read by down_proj's LoRA), and the queries (a (T, H hd) 
 backward reads, one q projection to recompute). Inside `mx.compile` MLX kept still more. Measured on
 SmolLM2-135M's shapes, LoRA r8 on all seven projections: 10.2K floats kept per token and adapted layer in a
 compiled step (8.4K eager), 5.3K with the functions below; a DPO step at 2 x 256 peaked at 1.28 GB before
-and 0.98 GB after (0.54 GB of it the float32 weights) for ~7% more time (3.58 vs 3.33 s, alternating runs),
+(1.185 once `fast_layers`' SwiGLU backward stopped keeping its forward's exp) and 0.98 GB after (0.54 GB of it the float32 weights) for ~7% more time (3.58 vs 3.33 s, alternating runs),
 the 8 x 512 step at 6.0 -> 3.8 GB (`benchmarks/real.py`). Three custom functions:
 
 - `causal_attention(norm, parts, attn, x)`: the attention up to o_proj (q/k/v projections, RoPE, the blocked
@@ -244,7 +244,7 @@ def swiglu_mlp(norm, parts: list, x):
     @mx.custom_function
     def mlp(x, adapters):
         (gate, up), kept = _project(parts[:2], adapters[:2], norm(x))
-        y, xa = _apply(base, scale, adapters[2] or None, _swiglu(gate, up))
+        y, xa = _apply(base, scale, adapters[2] or None, fast_layers.swiglu_value(gate, up))
         return (y, gate, up, *kept, *([] if xa is None else [xa]))  # all but y internal, kept for the backward
 
     @mlp.vjp
@@ -253,9 +253,9 @@ def swiglu_mlp(norm, parts: list, x):
         kept = list(outputs[3:])
         xa = kept.pop() if adapters[2] else None
         gate, up = _after(list(outputs[1:3]), cotangents[:1])
-        a = _swiglu(gate, up)  # recomputed
+        a = fast_layers.swiglu_value(gate, up)  # recomputed
         da, d_down = _input_grad(base, scale, adapters[2] or None, a, xa, cotangents[0])
-        d_gate, d_up = _swiglu_grads(gate, up, da)
+        d_gate, d_up = fast_layers.swiglu_grads(gate, up, da)
         x = _after(x, [d_gate, d_up])
         dx, grads = _project_backward(norm, parts[:2], adapters[:2], x, norm(x), kept, [d_gate, d_up])
         return dx, grads + [d_down or []]
@@ -270,23 +270,6 @@ def _after(inputs, cotangents):
     import mlx.core as mx
 
     return mx.depends(inputs, list(cotangents))
-
-
-def _swiglu(gate, up):
-    """silu(gate) * up as `fast_layers._swiglu_fn` computes it (one fused kernel under `mx.compile`)."""
-    import mlx.core as mx
-
-    return gate / (1 + mx.exp(-gate)) * up
-
-
-def _swiglu_grads(gate, up, d):
-    """(d gate, d up) of silu(gate) * up for the cotangent d: with s = sigmoid(gate),
-    d/dgate = up (s + silu (1 - s)), d/dup = silu."""
-    import mlx.core as mx
-
-    s = 1 / (1 + mx.exp(-gate))
-    silu = gate * s
-    return d * up * (s + silu * (1 - s)), d * silu
 
 
 # -- the block -------------------------------------------------------------------------------------------------
