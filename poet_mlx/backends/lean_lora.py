@@ -6,8 +6,9 @@ only), SwiGLU's output (read by down_proj's LoRA), and the queries (a (T, H hd) 
 backward reads, one q projection to recompute). Inside `mx.compile` MLX kept still more. Measured on
 SmolLM2-135M's shapes, LoRA r8 on all seven projections: 10.2K floats kept per token and adapted layer in a
 compiled step (8.4K eager), 5.3K with the functions below; a DPO step at 2 x 256 peaked at 1.28 GB before
-(1.185 once `fast_layers`' SwiGLU backward stopped keeping its forward's exp) and 0.98 GB after (0.54 GB of it the float32 weights) for ~7% more time (3.58 vs 3.33 s, alternating runs),
-the 8 x 512 step at 6.0 -> 3.8 GB (`benchmarks/real.py`). Three custom functions:
+(1.185 once `fast_layers`' SwiGLU backward stopped keeping its forward's exp) and 0.98 GB after (0.54 GB of
+it the float32 weights) for ~7% more time (3.58 vs 3.33 s, alternating runs), the 8 x 512 step at 6.0 -> 3.8
+GB (`benchmarks/real.py`). Three custom functions:
 
 - `causal_attention(norm, parts, attn, x)`: the attention up to o_proj (q/k/v projections, RoPE, the blocked
   causal attention of `fast_layers`), keeping x (which the norm's own backward needs anyway), the keys,
