@@ -68,7 +68,7 @@ def load_model(model: str, revision: Optional[str] = None, trust_remote_code: bo
     bound_run_ahead()  # only with POET_MLX_RUNAHEAD=bounded (Linux CPU): the lowest memory (runahead.py)
     accelerate_quantized(loaded)  # Linux CPU only: 4-bit layers via dequantize + OpenBLAS (fast_quant.py)
     accelerate_layers(loaded)  # Linux CPU only: attention and SwiGLU written for the CPU (fast_layers.py)
-    lean_blocks(loaded)  # Linux CPU only: adapted blocks recompute norms and SwiGLU in the backward (lean_lora.py)
+    lean_blocks(loaded)  # Linux CPU only: adapted blocks whose backward recomputes what is cheap (lean_lora.py)
     return loaded, tokenizer, path
 
 

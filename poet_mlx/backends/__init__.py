@@ -1,6 +1,7 @@
 """Fast paths for MLX's CPU backend on Linux: OpenBLAS for matmuls (`blas`), fused kernels built for this CPU
 (`jit`), freed memory kept for reuse (`alloc`), attention and SwiGLU written for the CPU (`fast_layers`),
-dequantize-then-GEMM for 4-bit layers (`fast_quant`), MLX's run-ahead bounded on request (`runahead`)."""
+LoRA-adapted blocks whose backward recomputes what is cheap (`lean_lora`), dequantize-then-GEMM for 4-bit
+layers (`fast_quant`), MLX's run-ahead bounded on request (`runahead`)."""
 
 import os
 import sys

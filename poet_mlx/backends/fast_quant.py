@@ -4,7 +4,8 @@ On the CPU backend `mx.quantized_matmul` runs a scalar kernel: measured on 2 cor
 bfloat16 inputs and 2 GFLOP/s with float32, where a float32 GEMM on OpenBLAS (`poet_mlx.backends.blas`) runs at ~95.
 Dequantizing a weight costs O(out * in), the GEMM O(tokens * out * in), so for a training batch it is far
 cheaper to expand the 4-bit weight to float32 on the fly and multiply (9-40x here; `benchmarks/bench.py`).
-Inputs of a few rows (one generated token per reply) keep MLX's kernel (`NATIVE_BELOW_ROWS`).
+Inputs of a few rows (one generated token per reply) keep MLX's kernel (`NATIVE_BELOW_ROWS`); sampling expands
+each weight once for the whole run instead (`expanded`).
 The expanded weight is transient: the backward pass expands it again (a custom VJP) instead of keeping it, so
 memory stays that of the 4-bit model plus one block of float32 weights at a time.
 
