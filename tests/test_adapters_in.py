@@ -301,3 +301,34 @@ def test_eval_of_a_run_from_an_init_adapter_scores_against_that_start(lora_run, 
     assert abs(means["rewards/chosen"]) < 1e-3 and abs(means["rewards/rejected"]) < 1e-3
     bare, _ = run_evaluation(run_config(tiny_model_dir, tiny_data_dir, "unused"), str(lora_run))
     assert abs(bare["rewards/chosen"]) > 1e-2  # a run from the base is scored against the base: it moved
+
+
+def test_fresh_adapters_reference_pass_scores_the_base(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """With fresh adapters (LoRA's B is zero) and no init adapter, the policy's reference pass scores the base
+    itself (`adapters_disabled`: none of the adapters' compute), and gets what the fresh adapters give, to float32
+    rounding."""
+    from poet_mlx.adapters import attach_trainable, lora_parameters
+    from poet_mlx.batching import pair_set
+    from poet_mlx.config import DataConfig
+    from poet_mlx.data.sources import load_split
+    from poet_mlx.data.tokenization import tokenize_pairs
+    from poet_mlx.models import load_model
+    from poet_mlx.reporting import Reporter
+    from poet_mlx.scoring import pair_token_logps
+    from poet_mlx.train import reference
+
+    cfg = run_config(tiny_model_dir, tiny_data_dir, tmp_path / "run", loss="dpo")
+    model, tok, path = load_model(str(tiny_model_dir))
+    attach_trainable(model, "lora", 2, lora_parameters(4, 2.0, 0.0, None))
+    rows, _ = load_split(DataConfig(data=str(tiny_data_dir)), "valid")
+    pairs, _ = tokenize_pairs(rows[:4], tok, 128, 32)
+    with_adapters, _ = pair_token_logps(model, pairs, 4)
+    disabled = []
+    real = reference.adapters_disabled
+    monkeypatch.setattr(reference, "adapters_disabled", lambda m: disabled.append(m) or real(m))
+    sets = {"x": pair_set(pairs, cfg.loss)}
+    reference.fill_reference(sets, cfg, model, path, tok, Reporter())
+    assert disabled == [model]
+    for ours, theirs in zip(sets["x"].ref, with_adapters):
+        for a, b in zip(ours, theirs):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)  # bit for bit here

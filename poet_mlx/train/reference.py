@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import gc
 import hashlib
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from ..adapters import has_adapters
+from ..adapters import adapters_disabled, has_adapters
 from ..batching import TokenLogps
 from ..config import RunConfig
 from ..data.tokenization import TokenizedPair, pad_id
@@ -156,15 +157,20 @@ def fill_reference(sets, cfg: RunConfig, policy, policy_path, tokenizer, reporte
         reporter.phase("loading reference model", 1, 1)
     # The policy scores base + --init-adapter only once that adapter is attached (train), not in eval
     init_adapter = cfg.lora.init_adapter if model is policy and has_adapters(policy) else None
+    # Fresh adapters add exactly nothing (LoRA's B is zero): the base itself is scored, without the adapters'
+    # compute (SmolLM2, 16 adapted layers, 16 pairs of 512 tokens, alternating runs: 28.8-29.9 -> 26.6-27.7 s,
+    # the same first loss) and, for DoRA, without the rounding of its magnitude vector.
+    base = model is policy and init_adapter is None
     was_training = getattr(model, "training", False)
     model.eval()
-    for name, s in sets.items():
-        label = f"reference log-probs ({name})"
-        reporter.phase(label, 0, len(s))
-        s.ref, reused = reference_token_logps(model, path, s.pairs, REFERENCE_BATCH, pad_id(tokenizer),
-                                              progress=lambda d, t: d < t and reporter.phase(label, d, t),
-                                              world=world, init_adapter=init_adapter)
-        reporter.phase(label, len(s), len(s), note="reused from cache" if reused else "computed")
+    with adapters_disabled(model) if base else nullcontext():
+        for name, s in sets.items():
+            label = f"reference log-probs ({name})"
+            reporter.phase(label, 0, len(s))
+            s.ref, reused = reference_token_logps(model, path, s.pairs, REFERENCE_BATCH, pad_id(tokenizer),
+                                                  progress=lambda d, t: d < t and reporter.phase(label, d, t),
+                                                  world=world, init_adapter=init_adapter)
+            reporter.phase(label, len(s), len(s), note="reused from cache" if reused else "computed")
     if model is not policy:
         del model
         gc.collect()
