@@ -272,11 +272,19 @@ def _swiglu_fn():
 
     @swiglu.vjp
     def swiglu_vjp(primals, cotangent, output):
-        # After the cotangent: else `mx.compile` merges the recomputed exp(-g) with the forward's and keeps it.
-        gate, x = mx.depends(list(primals), [cotangent])
+        gate, x = after_cotangents(list(primals), [cotangent])  # the recomputed exp(-g) is not the forward's
         return swiglu_grads(gate, x, cotangent)
 
     return swiglu
+
+
+def after_cotangents(inputs, cotangents):
+    """`inputs` made to wait for `cotangents`: a recomputation in a backward pass then runs there, and under
+    `mx.compile` it is not merged with the forward's identical expression (which would keep that value alive
+    from the forward pass on, the very array the recomputation is meant to free)."""
+    import mlx.core as mx
+
+    return mx.depends(inputs, list(cotangents))
 
 
 def swiglu_value(gate, x):

@@ -202,11 +202,12 @@ def expanded(model, budget_bytes: Optional[int] = None):
             if not getattr(module, "_poet_fast_quant", False) or _EXPANDED in module.__dict__:
                 continue
             w, scales, biases = module["weight"], module["scales"], module["biases"]
-            size = 4 * w.shape[0] * _in_features(module)
+            width = _in_features(module)
+            size = 4 * w.shape[0] * width
             if used + size > budget_bytes:
                 continue
             unpack = affine_dequantizer(module.group_size, module.bits)
-            blocks = [unpack(w[s:e], scales[s:e], biases[s:e]) for s, e in _blocks(w.shape[0], _in_features(module))]
+            blocks = [unpack(w[s:e], scales[s:e], biases[s:e]) for s, e in _blocks(w.shape[0], width)]
             mx.eval(blocks)
             # object.__setattr__: an mx.array set the usual way would become a parameter of the module.
             object.__setattr__(module, _EXPANDED, blocks)

@@ -10,7 +10,7 @@ compiled step (8.4K eager), 5.3K with the functions below; a DPO step at 2 x 256
 it the float32 weights) for ~7% more time (3.58 vs 3.33 s, alternating runs), the 8 x 512 step at 6.0 -> 3.8
 GB (`benchmarks/real.py`). Three custom functions:
 
-- `causal_attention(norm, parts, attn, x)`: the attention up to o_proj (q/k/v projections, RoPE, the blocked
+- `projected_attention(norm, parts, attn, x)`: the attention up to o_proj (q/k/v projections, RoPE, the blocked
   causal attention of `fast_layers`), keeping x (which the norm's own backward needs anyway), the keys,
   values, output, row logsumexps and each LoRA's (T, r) `x A`; the backward recomputes norm(x) and the
   queries.
@@ -18,8 +18,8 @@ GB (`benchmarks/real.py`). Three custom functions:
   backward needs both) and the LoRAs' `x A`; the backward recomputes norm(x) and silu(gate) * up.
 - `norm_projections(norm, parts, x)`: `[p(norm(x)) for p in projections]`, for an attention with another
   mask than the causal one: keeps x and the `x A`'s, recomputes norm(x).
-Each backward makes its recomputation wait for the cotangent (`_after`): without that, `mx.compile` merged
-it with the forward's identical expression and so kept the very values this module frees.
+Each backward makes its recomputation wait for the cotangent (`fast_layers.after_cotangents`): without that,
+`mx.compile` merged it with the forward's identical expression and so kept the very values this module frees.
 
 A projection is either an mlx-lm `LoRALinear` (no dropout in effect) over a frozen base, or a frozen linear
 layer; the base's own VJP gives its input gradient, so float, quantized (`fast_quant`) and biased bases all
@@ -28,7 +28,7 @@ agree with autodiff to float32 rounding (`tests/test_lean_lora.py`).
 
 `lean_blocks(model)` gives every block whose `__call__` is mlx-lm's llama block (the same bytecode: 22
 classes in mlx-lm 0.32, llama, mistral, qwen2, qwen3, gemma and phi3 among them) a subclass that routes the
-MLP through `swiglu_mlp` when the MLP is llama's (44 classes), and the attention through `causal_attention`
+MLP through `swiglu_mlp` when the MLP is llama's (44 classes), and the attention through `projected_attention`
 (with another mask, `norm_projections`) when the attention is llama's (15 classes; qwen3's, with q/k norms,
 keeps its own code, as do phi3's fused projections). Everything else takes the class's own code: a
 call with a KV cache, a block without LoRA, DoRA, LoRA dropout in effect, a trainable base or norm (full
@@ -160,7 +160,7 @@ def norm_projections(norm, parts: list, x) -> list:
     @project.vjp
     def project_vjp(primals, cotangents, outputs):
         x, adapters = primals
-        x = _after(x, cotangents[:n])
+        x = fast_layers.after_cotangents(x, cotangents[:n])
         return _project_backward(norm, parts, adapters, x, norm(x), list(outputs[n:]), list(cotangents[:n]))
 
     return list(project(x, _adapters(parts))[:n])
@@ -178,7 +178,7 @@ def _merge_heads(y):
     return y.transpose(0, 2, 1, 3).reshape(b, t, -1)
 
 
-def causal_attention(norm, parts: list, attn, x):
+def projected_attention(norm, parts: list, attn, x):
     """mlx-lm's llama attention up to o_proj, on norm(x) with a causal mask: the q/k/v projections `parts`,
     RoPE and the blocked causal attention (`fast_layers.attend_forward`) in one custom function, whose backward
     recomputes norm(x) and the queries (one q projection more per token) instead of keeping them, and runs
@@ -213,7 +213,7 @@ def causal_attention(norm, parts: list, attn, x):
     def attention_vjp(primals, cotangents, outputs):
         x, adapters = primals
         out, lse, keys, values = outputs[:4]
-        x = _after(x, cotangents[:1])
+        x = fast_layers.after_cotangents(x, cotangents[:1])
         h = norm(x)  # recomputed, and the queries from it
         base, scale, _ = parts[0]
         q, q_heads = scaled_queries(_apply(base, scale, adapters[0] or None, h)[0])
@@ -253,24 +253,15 @@ def swiglu_mlp(norm, parts: list, x):
         x, adapters = primals
         kept = list(outputs[3:])
         xa = kept.pop() if adapters[2] else None
-        gate, up = _after(list(outputs[1:3]), cotangents[:1])
+        gate, up = fast_layers.after_cotangents(list(outputs[1:3]), cotangents[:1])
         a = fast_layers.swiglu_value(gate, up)  # recomputed
         da, d_down = _input_grad(base, scale, adapters[2] or None, a, xa, cotangents[0])
         d_gate, d_up = fast_layers.swiglu_grads(gate, up, da)
-        x = _after(x, [d_gate, d_up])
+        x = fast_layers.after_cotangents(x, [d_gate, d_up])
         dx, grads = _project_backward(norm, parts[:2], adapters[:2], x, norm(x), kept, [d_gate, d_up])
         return dx, grads + [d_down or []]
 
     return mlp(x, _adapters(parts))[0]
-
-
-def _after(inputs, cotangents):
-    """`inputs` made to wait for `cotangents`: a recomputation in a backward pass then runs there, and under
-    `mx.compile` it is not merged with the forward's identical expression (which would keep that value alive
-    from the forward pass on, the very array the recomputation is meant to free)."""
-    import mlx.core as mx
-
-    return mx.depends(inputs, list(cotangents))
 
 
 # -- the block -------------------------------------------------------------------------------------------------
@@ -310,7 +301,7 @@ def _lean_mlp(block, h):
 
 
 def _lean_attention(block, x, mask):
-    """block.self_attn(block.input_layernorm(x), mask): through `causal_attention` where the attention is
+    """block.self_attn(block.input_layernorm(x), mask): through `projected_attention` where the attention is
     causal, else with q/k/v through `norm_projections` and the rest mlx-lm's llama attention, line for line.
     None where neither applies."""
     attn, norm = block.self_attn, block.input_layernorm
@@ -320,7 +311,7 @@ def _lean_attention(block, x, mask):
     sdpa = type(attn).__call__.__globals__["scaled_dot_product_attention"]  # fast_layers' where it applies
     if (sdpa is fast_layers._sdpa and isinstance(mask, str) and mask == "causal"
             and attn.n_heads % attn.n_kv_heads == 0):  # what `fast_layers._sdpa` gives `causal_attention`
-        return attn.o_proj(causal_attention(norm, parts, attn, x))
+        return attn.o_proj(projected_attention(norm, parts, attn, x))
     queries, keys, values = norm_projections(norm, parts, x)
     queries = attn.rope(_split_heads(queries, attn.n_heads))  # (B, H, T, hd)
     keys = attn.rope(_split_heads(keys, attn.n_kv_heads))  # (B, KV, T, hd)
