@@ -140,7 +140,7 @@ class Feed:
     groups: (n_g, L_g) int32 token arrays: the batch's rows sorted by length, in two halves (`row_groups`);
     positions: (R,) int32 flat indices into the targets of all groups (each group's (n_g, L_g - 1) target
         grid, flattened, the grids concatenated in group order) of every kept response token, padded to
-        `packed_size` with index 0;
+        `packed_size` with index 0 (`group_positions` splits them by group);
     rows: (R,) int32 the batch row (0..2B-1, chosen then rejected) of each position, -1 for padding;
     offsets: (R,) int32 each position's place in its response (0 = first response token).
     """
@@ -153,6 +153,17 @@ class Feed:
     @property
     def fed_tokens(self) -> int:
         return int(sum(g.size for g in self.groups))
+
+    @property
+    def group_positions(self) -> tuple:
+        """`positions` split by group, each index into its own group's (n_g, L_g - 1) target grid: one (R_g,)
+        int32 array per group, which together list the same targets in the same order (the padding, index 0,
+        in the last group)."""
+        sizes = [g.shape[0] * (g.shape[1] - 1) for g in self.groups]
+        bases = np.cumsum([0] + sizes)
+        group = np.where(self.rows >= 0, np.searchsorted(bases, self.positions, side="right") - 1, len(sizes) - 1)
+        local = np.where(self.rows >= 0, self.positions - bases[group], 0).astype(np.int32)
+        return tuple(local[group == g] for g in range(len(sizes)))
 
 
 def packed_size(n: int) -> int:

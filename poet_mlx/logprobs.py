@@ -18,6 +18,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+from .backends.fast_layers import current_stream, on_stream
+
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
 """Logits handled at once by the chunked computations here and in `scoring.head_in_chunks` (4 MiB of float32).
 MLX's evaluation runs up to ~10 ops ahead of the CPU (`backends.runahead`), so a few chunks' temporaries are
@@ -54,16 +56,21 @@ def _row_logsumexp(flat: mx.array, chunk_elements: int) -> mx.array:
     return parts[0] if len(parts) == 1 else mx.concatenate(parts)
 
 
-@lru_cache(maxsize=None)
 def _flat_token_logps(chunk_elements: int):
-    """A custom function (M, V) logits, (M,) targets -> (M,) float32 log-probs, with a hand-written VJP."""
+    """A custom function (M, V) logits, (M,) targets -> (M,) float32 log-probs, with a hand-written VJP (run on
+    the stream of the forward)."""
+    return _flat_token_logps_on(chunk_elements, current_stream())
 
+
+@lru_cache(maxsize=None)
+def _flat_token_logps_on(chunk_elements: int, stream):
     @mx.custom_function
     def token_logps(flat, targets):
         target_logit = mx.take_along_axis(flat, targets[:, None], axis=-1)[:, 0].astype(mx.float32)
         return target_logit - _row_logsumexp(flat, chunk_elements)
 
     @token_logps.vjp
+    @on_stream(stream)
     def token_logps_vjp(primals, cotangent, output):
         flat, targets = primals
         g = cotangent.astype(mx.float32)[:, None]  # (M, 1)
@@ -143,6 +150,7 @@ def head_token_logps(head, hidden: mx.array, targets: mx.array, chunk_elements: 
         return forward(h, y)
 
     @logps_and_grad.vjp
+    @on_stream(current_stream())
     def logps_and_grad_vjp(primals, cotangents, outputs):
         g = cotangents[0].astype(mx.float32)[:, None]  # (R, 1); the gradient output's cotangent is unused
         return (g * outputs[1]).astype(primals[0].dtype), mx.zeros_like(primals[1])

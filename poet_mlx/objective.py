@@ -5,9 +5,13 @@ Kept apart from the trainer so that training, evaluation and tests share exactly
 The forward runs the model's trunk on the batch's row groups (`batching.Feed`), gathers the hidden states of
 the response positions into one packed (R, D) array and applies the output head there only (`head.py`); with
 no verified head it computes the full logits and gathers them at those positions (same numbers, more work).
+Where `backends.parallel_rows` splits the trunk, the two groups run side by side, one CPU stream each, up to
+the head's log-probs.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -25,24 +29,64 @@ def model_token_logps(model, tokens: mx.array) -> mx.array:
     return per_token_logps(logits, tokens[:, 1:])
 
 
+def group_hidden(model, groups, positions) -> tuple[list, list]:
+    """Each group's trunk outputs at its response positions, and the stream each was computed on.
+
+    The trunk runs each group's tokens[:, :-1]; with a trunk that `backends.parallel_rows` splits and two or more
+    groups, group i runs on stream i (its gather too), else every group on the current stream (streams None).
+    The model must have a verified head (`head.output_head`).
+
+    Args:
+        groups: tuple of (n_g, L_g) int32 token arrays (`batching.Feed.groups`).
+        positions: tuple of (R_g,) int32 indices into each group's flattened (n_g, L_g - 1) target grid
+            (`batching.Feed.group_positions`).
+
+    Returns:
+        ([(R_g, D) per group], [a stream per group] or None).
+    """
+    from .backends import parallel_rows
+
+    inputs = [g[:, :-1] for g in groups]
+    trunk = parallel_rows.trunk(model) if len(groups) > 1 else None
+    if trunk is None:
+        return [gather(model.model(x), p) for x, p in zip(inputs, positions)], None
+    streams = parallel_rows.streams(len(groups))
+    return each_group(streams, gather, trunk(inputs, on_streams=True), positions), streams
+
+
+def gather(x: mx.array, positions: mx.array) -> mx.array:
+    """(n, L, ...) -> (R, ...): the rows of x flattened over (n, L) at `positions` (R,)."""
+    return x.reshape(-1, *x.shape[2:])[positions]
+
+
+def each_group(streams, fn, *per_group) -> list:
+    """[fn(*args of group i) for each group], each on its group's stream (streams None: the current one)."""
+    out = []
+    for i, args in enumerate(zip(*per_group)):
+        if streams is None:
+            out.append(fn(*args))
+        else:
+            with mx.stream(streams[i]):
+                out.append(fn(*args))
+    return out
+
+
 def packed_hidden(model, groups, positions) -> mx.array:
-    """(R, D) trunk outputs at the packed response positions (arguments as `packed_logits`; the model must
-    have a verified head, `head.output_head`)."""
-    hidden = [model.model(g[:, :-1]) for g in groups]  # (n_g, L_g - 1, D) each
-    return mx.concatenate([h.reshape(-1, h.shape[-1]) for h in hidden])[positions]
+    """(R, D) trunk outputs at the packed response positions, the groups' in order (arguments as
+    `group_hidden`)."""
+    return mx.concatenate(group_hidden(model, groups, positions)[0])
 
 
 def packed_targets(groups, positions) -> mx.array:
-    """(R,) the token that follows each packed response position."""
-    return mx.concatenate([g[:, 1:].reshape(-1) for g in groups])[positions]
+    """(R,) the token that follows each packed response position (arguments as `group_hidden`)."""
+    return mx.concatenate([gather(g[:, 1:], p) for g, p in zip(groups, positions)])
 
 
 def packed_logits(model, groups, positions, head=None) -> mx.array:
     """Logits at the packed response positions.
 
     Args:
-        groups: tuple of (n_g, L_g) int32 token arrays (`batching.Feed.groups`).
-        positions: (R,) int32 flat indices into the groups' concatenated (n_g, L_g - 1) target grids.
+        groups, positions: as `group_hidden`.
         head: the model's verified output head (`head.output_head`): only the R gathered hidden states go
             through it. None: the full forward, whose (n_g, L_g - 1, V) logits are gathered afterwards.
 
@@ -50,8 +94,7 @@ def packed_logits(model, groups, positions, head=None) -> mx.array:
         (R, V) logits in the model's dtype.
     """
     if head is None:
-        logits = [model(g[:, :-1]) for g in groups]  # (n_g, L_g - 1, V) each
-        return mx.concatenate([x.reshape(-1, x.shape[-1]) for x in logits])[positions]
+        return mx.concatenate([gather(model(g[:, :-1]), p) for g, p in zip(groups, positions)])
     return head(packed_hidden(model, groups, positions))  # (R, V)
 
 
@@ -59,11 +102,14 @@ def response_token_logps(model, groups, positions, head=None, frozen_head: bool 
     """(R,) float32 log-probs of the packed response targets (arguments as `packed_logits`).
 
     frozen_head: the head's weights get no gradient (`head.head_is_frozen`), so a training step computes the
-    head a chunk of rows at a time (`logprobs.head_token_logps`) and never holds the (R, V) logits.
+    head a chunk of rows at a time (`logprobs.head_token_logps`), on each group's stream, and never holds the
+    (R, V) logits.
     """
-    targets = packed_targets(groups, positions)  # (R,)
     if head is not None and frozen_head:
-        return head_token_logps(head, packed_hidden(model, groups, positions), targets)
+        hidden, streams = group_hidden(model, groups, positions)
+        targets = [gather(g[:, 1:], p) for g, p in zip(groups, positions)]
+        return mx.concatenate(each_group(streams, partial(head_token_logps, head), hidden, targets))
+    targets = packed_targets(groups, positions)
     return per_token_logps(packed_logits(model, groups, positions, head)[None], targets[None])[0]
 
 
@@ -108,8 +154,9 @@ def batch_inputs(batch: PairBatch, halves: bool = True) -> tuple:
     keep_lens, ref_logps), as MLX arrays; ref_logps are zeros when the batch has none (reference-free losses)."""
     feed = make_feed(batch, halves=halves)
     ref = batch.ref_logps if batch.ref_logps is not None else np.zeros(len(batch.starts), np.float32)
-    return (tuple(mx.array(g) for g in feed.groups), mx.array(feed.positions), mx.array(feed.rows),
-            mx.array(feed.offsets), mx.array(batch.score_lens), mx.array(batch.keep_lens), mx.array(ref))
+    return (tuple(mx.array(g) for g in feed.groups), tuple(mx.array(p) for p in feed.group_positions),
+            mx.array(feed.rows), mx.array(feed.offsets), mx.array(batch.score_lens), mx.array(batch.keep_lens),
+            mx.array(ref))
 
 
 def metric_names(objective: LossConfig) -> list[str]:

@@ -36,48 +36,63 @@ def score_sequences(model, sequences: Sequence[tuple[np.ndarray, np.ndarray]], b
     """
     import mlx.core as mx
 
+    from .backends.parallel_rows import engaged
     from .head import output_head
-    from .logprobs import per_token_logps, token_entropy
-    from .objective import feeds_halves, packed_hidden, packed_logits, packed_targets
+    from .objective import feeds_halves
 
     was_training = getattr(model, "training", False)
     model.eval()
     head, halves = output_head(model), feeds_halves(model)
+    score = _scorer(model, head, entropy)
+
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
+    logps: list = [None] * len(sequences)
+    ents: list = [None] * len(sequences) if entropy else None
+    with engaged(model, 2 if halves else 1):  # OpenBLAS threads per stream where the groups run side by side
+        for b in range(0, len(order), batch_rows):
+            idx = order[b : b + batch_rows]
+            tokens = pad_rows([np.concatenate([sequences[i][0], sequences[i][1]]) for i in idx], pad_id)
+            starts = np.asarray([len(sequences[i][0]) - 1 for i in idx], np.int32)
+            keep = np.asarray([len(sequences[i][1]) for i in idx], np.int32)
+            feed = feed_rows(tokens, starts, keep, halves=halves)
+            groups = tuple(mx.array(g) for g in feed.groups)
+            lp, *rest = score(groups, tuple(mx.array(p) for p in feed.group_positions))
+            ent = rest[0] if entropy else None
+            mx.eval([a for a in (lp, ent) if a is not None])
+            for j, per_row in enumerate(unpack_rows(np.asarray(lp), feed.rows, len(idx))):
+                logps[idx[j]] = per_row
+            if entropy:
+                for j, per_row in enumerate(unpack_rows(np.asarray(ent), feed.rows, len(idx))):
+                    ents[idx[j]] = per_row
+            if progress:
+                progress(min(b + batch_rows, len(order)), len(order))
+    model.train(was_training)
+    return logps, ents
+
+
+def _scorer(model, head, entropy: bool):
+    """The compiled (groups, positions) -> (log-probs,) or (log-probs, entropies) of `score_sequences`, each
+    (R,): the model's state is its input, so later weights are seen; MLX fuses the elementwise ops, which on the
+    Linux CPU backend is what makes them vectorized (`backends.jit`); one trace per shape."""
+    import mlx.core as mx
+
+    from .logprobs import per_token_logps, token_entropy
+    from .objective import each_group, gather, group_hidden, packed_logits, packed_targets
 
     def values(logits, targets):  # (M, V), (M,) -> (log-probs,) or (log-probs, entropies), (M,) each
         lp = per_token_logps(logits[None], targets[None])[0]
         return (lp, token_entropy(logits[None])[0]) if entropy else (lp,)
 
-    # Compiled (the model's state as its input, so later weights are seen): MLX fuses the elementwise ops,
-    # which on the Linux CPU backend is what makes them vectorized (`backends.jit`); one trace per shape.
     @partial(mx.compile, inputs=model.state)
     def score(groups, positions):
-        targets = packed_targets(groups, positions)  # (R,)
         if head is None:
-            return values(packed_logits(model, groups, positions), targets)
-        return head_values(head, packed_hidden(model, groups, positions), targets, values, entropy)
+            return values(packed_logits(model, groups, positions), packed_targets(groups, positions))
+        hidden, streams = group_hidden(model, groups, positions)  # each group on its own stream where split
+        targets = [gather(g[:, 1:], p) for g, p in zip(groups, positions)]
+        parts = each_group(streams, lambda h, t: head_values(head, h, t, values, entropy), hidden, targets)
+        return tuple(mx.concatenate(column) for column in zip(*parts))  # (R,) each
 
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
-    logps: list = [None] * len(sequences)
-    ents: list = [None] * len(sequences) if entropy else None
-    for b in range(0, len(order), batch_rows):
-        idx = order[b : b + batch_rows]
-        tokens = pad_rows([np.concatenate([sequences[i][0], sequences[i][1]]) for i in idx], pad_id)
-        starts = np.asarray([len(sequences[i][0]) - 1 for i in idx], np.int32)
-        keep = np.asarray([len(sequences[i][1]) for i in idx], np.int32)
-        feed = feed_rows(tokens, starts, keep, halves=halves)
-        lp, *rest = score(tuple(mx.array(g) for g in feed.groups), mx.array(feed.positions))
-        ent = rest[0] if entropy else None
-        mx.eval([a for a in (lp, ent) if a is not None])
-        for j, per_row in enumerate(unpack_rows(np.asarray(lp), feed.rows, len(idx))):
-            logps[idx[j]] = per_row
-        if entropy:
-            for j, per_row in enumerate(unpack_rows(np.asarray(ent), feed.rows, len(idx))):
-                ents[idx[j]] = per_row
-        if progress:
-            progress(min(b + batch_rows, len(order)), len(order))
-    model.train(was_training)
-    return logps, ents
+    return score
 
 
 def pair_token_logps(model, pairs: Sequence[TokenizedPair], batch_size: int, pad_id: int = 0,

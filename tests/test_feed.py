@@ -194,8 +194,8 @@ def test_packed_log_probs_equal_the_full_forward():
     batch = make_batch(pairs, [1, 3, 4], layouts)
     full = np.array(model_token_logps(model, mx.array(batch.tokens)))  # (2B, L-1)
     feed = make_feed(batch)
-    got = np.array(response_token_logps(model, tuple(mx.array(g) for g in feed.groups), mx.array(feed.positions),
-                                        output_head(model)))
+    got = np.array(response_token_logps(model, tuple(mx.array(g) for g in feed.groups),
+                                        tuple(mx.array(p) for p in feed.group_positions), output_head(model)))
     for r in range(len(batch.starts)):
         s, n = batch.starts[r], batch.keep_lens[r]
         np.testing.assert_allclose(got[feed.rows == r], full[r, s : s + n], rtol=1e-5, atol=1e-5)

@@ -1,7 +1,8 @@
 """Fast paths for MLX's CPU backend on Linux: OpenBLAS for matmuls (`blas`), fused kernels built for this CPU
 (`jit`), freed memory kept for reuse (`alloc`), attention and SwiGLU written for the CPU (`fast_layers`),
-LoRA-adapted blocks whose backward recomputes what is cheap (`lean_lora`), dequantize-then-GEMM for 4-bit
-layers (`fast_quant`), MLX's run-ahead bounded on request (`runahead`)."""
+LoRA-adapted blocks whose backward recomputes what is cheap (`lean_lora`), a batch's two row groups on two
+CPU streams at once (`parallel_rows`), dequantize-then-GEMM for 4-bit layers (`fast_quant`), MLX's run-ahead
+bounded on request (`runahead`)."""
 
 import os
 import sys
@@ -30,11 +31,14 @@ def switched_off(env_switch: str, keep_word: str) -> bool:
 
 def enable_process_wide() -> None:
     """The process-wide settings, run just before `mlx.core` is first imported (poet_mlx's import hook):
-    OpenBLAS (which must come first), the JIT compiler flags and glibc's malloc. Each never raises."""
+    OpenBLAS (which must come first), the JIT compiler flags, glibc's malloc and MLX's evaluation-tape width.
+    Each never raises."""
     from .alloc import keep_freed_memory
     from .blas import enable_fast_blas
     from .jit import enable_fast_jit
+    from .parallel_rows import set_tape_width
 
     enable_fast_blas()
     enable_fast_jit()
     keep_freed_memory()
+    set_tape_width()

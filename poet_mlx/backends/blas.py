@@ -26,6 +26,7 @@ Off switch: `POET_MLX_BLAS=reference` in the environment.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -78,6 +79,8 @@ class BlasStatus:
 
 
 STATUS = BlasStatus()
+_OPENBLAS = None
+"""The loaded OpenBLAS (ctypes), once `enable_fast_blas` succeeded."""
 
 
 def _build_shim(lib_dir: Path) -> Path:
@@ -135,11 +138,36 @@ def _load() -> BlasStatus:
         ctypes.CDLL(str(shim), mode=ctypes.RTLD_GLOBAL)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         return BlasStatus(False, f"OpenBLAS not loaded ({exc}); MLX keeps its reference BLAS")
+    global _OPENBLAS
+    _OPENBLAS = openblas
     threads = blas_threads()
     if threads is not None:
         openblas.scipy_openblas_set_num_threads(threads)
     threads = int(openblas.scipy_openblas_get_num_threads())
     return BlasStatus(True, "OpenBLAS (scipy-openblas32) for MLX's CPU matmuls", str(shim), threads)
+
+
+@contextlib.contextmanager
+def gemm_threads(n: int):
+    """OpenBLAS runs each GEMM on at most n threads inside the context, as before after it (`parallel_rows`: two
+    streams' GEMMs side by side, one thread each). MLX is synchronized on entry and exit, so no GEMM in flight
+    sees the change. A no-op where MLX's GEMMs do not go to OpenBLAS, or where n is already the setting."""
+    if _OPENBLAS is None or not STATUS.active:
+        yield
+        return
+    before = int(_OPENBLAS.scipy_openblas_get_num_threads())
+    if before == n:
+        yield
+        return
+    import mlx.core as mx
+
+    mx.synchronize()
+    _OPENBLAS.scipy_openblas_set_num_threads(n)
+    try:
+        yield
+    finally:
+        mx.synchronize()
+        _OPENBLAS.scipy_openblas_set_num_threads(before)
 
 
 def blas_threads() -> Optional[int]:

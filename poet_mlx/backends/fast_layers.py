@@ -91,9 +91,13 @@ def _sum(parts: list):
     return total
 
 
-@lru_cache(maxsize=None)
 def _attend(block: int):
     """A custom function (q, keys, values) -> (out, lse): `attend_forward` with `attend_backward` as its VJP."""
+    return _attend_on(block, current_stream())
+
+
+@lru_cache(maxsize=None)
+def _attend_on(block: int, stream):
     import mlx.core as mx
 
     @mx.custom_function
@@ -101,6 +105,7 @@ def _attend(block: int):
         return attend_forward(q, keys, values, block)
 
     @attend.vjp
+    @on_stream(stream)
     def attend_vjp(primals, cotangents, outputs):
         # outputs[1] (lse) is an internal output: its cotangent is unused.
         return attend_backward(*primals, cotangents[0], *outputs, block)
@@ -250,11 +255,11 @@ def _sdpa(queries, keys, values, cache, scale, mask, sinks=None):
 
 def _swiglu(gate, x):
     """silu(gate) * x: `_swiglu_fn`'s custom function (same value as mlx-lm's, leaner backward)."""
-    return _swiglu_fn()(gate, x)
+    return _swiglu_fn(current_stream())(gate, x)
 
 
 @lru_cache(maxsize=None)
-def _swiglu_fn():
+def _swiglu_fn(stream):
     """silu(g) * x with the sigmoid written through `mx.exp` (one fused, vectorized kernel) and a backward
     that recomputes the sigmoid from g: autodiff of g / (1 + exp(-g)) * x keeps exp(-g), 1 + exp(-g) and
     silu(g) for the backward besides g and x, three arrays of the MLP's width per token and layer.
@@ -271,11 +276,39 @@ def _swiglu_fn():
         return swiglu_value(gate, x)
 
     @swiglu.vjp
+    @on_stream(stream)
     def swiglu_vjp(primals, cotangent, output):
         gate, x = after_cotangents(list(primals), [cotangent])  # the recomputed exp(-g) is not the forward's
         return swiglu_grads(gate, x, cotangent)
 
     return swiglu
+
+
+def current_stream():
+    """The stream operations go to now (the default stream of the default device, or the one a `with
+    mx.stream(...)` block set)."""
+    import mlx.core as mx
+
+    return mx.default_stream(mx.default_device())
+
+
+def on_stream(stream):
+    """Decorator for a custom function's VJP: run it on `stream`, which the forward ran on. MLX runs a custom
+    VJP's Python code on whatever stream is current when the backward is traced, so without this the backward
+    of a forward on another stream (`parallel_rows`) would all land on the default one."""
+    import functools
+
+    import mlx.core as mx
+
+    def wrap(vjp):
+        @functools.wraps(vjp)
+        def run(*args):
+            with mx.stream(stream):
+                return vjp(*args)
+
+        return run
+
+    return wrap
 
 
 def after_cotangents(inputs, cotangents):

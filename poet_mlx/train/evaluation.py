@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 import numpy as np
 
+from ..backends.parallel_rows import engaged
 from ..batching import sequential_batches
 from ..config import LossConfig
 from ..head import output_head
@@ -40,8 +41,9 @@ def evaluate(model, pair_set, objective: LossConfig, batch_size: int, pad_id: in
         n_real = len(mine)
     done = 0
     for j, idx in enumerate(mine):
-        _, metrics = batch_objective(model, *batch_inputs(pair_set.batch(idx, pad_id), halves), objective, head)
-        mx.eval(metrics)
+        with engaged(model, 2 if halves else 1):  # OpenBLAS threads per stream, where the groups run side by side
+            _, metrics = batch_objective(model, *batch_inputs(pair_set.batch(idx, pad_id), halves), objective, head)
+            mx.eval(metrics)
         for name, values in metrics.items():
             column = per_pair.setdefault(name, np.zeros(n, np.float64))
             if j < n_real:

@@ -20,6 +20,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from ..adapters import ADAPTER_CONFIG, ADAPTER_FILE, enable_grad_checkpoint, save_adapters, trainable_weights
+from ..backends.parallel_rows import engaged
 from ..batching import PairSet, batches_per_epoch, epoch_batches
 from ..config import LossConfig, TrainConfig
 from ..errors import PoetError
@@ -140,8 +141,9 @@ class Trainer:
             # Dropout draws from a key fixed by (seed, micro-batch), so a resumed run replays them exactly.
             mx.random.seed(self.cfg.seed * 1_000_003 + self.state.micro)
             local, weight = self._local_share(idx)
-            loss, mvec, g = grad_step(*batch_inputs(self.train_set.batch(local, self.pad_id), self.halves))
-            mx.eval(loss, mvec, g)  # alone: with the norm in the same graph, a higher peak (backends/runahead.py)
+            with engaged(self.model, 2 if self.halves else 1):  # OpenBLAS threads per stream, where split
+                loss, mvec, g = grad_step(*batch_inputs(self.train_set.batch(local, self.pad_id), self.halves))
+                mx.eval(loss, mvec, g)  # alone: with the norm in the same graph, a higher peak (backends/runahead.py)
             g, mvec = weighted_average_tree((g, mvec), weight, self.world)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             sums = mvec if sums is None else sums + mvec
@@ -166,11 +168,9 @@ class Trainer:
         return values, tokens, scored, pairs, False
 
     def _local_share(self, idx: list[int]) -> tuple[list[int], float]:
-        """This rank's pairs of a global micro-batch and their share of it (the weight of its gradient).
-
-        A rank left without pairs (a last batch smaller than the world) still runs one pair, with weight 0,
-        so every rank takes part in the same all-reduces.
-        """
+        """This rank's pairs of a global micro-batch and their share of it (the weight of its gradient). A rank
+        left without pairs (a last batch smaller than the world) still runs one pair, with weight 0, so every
+        rank takes part in the same all-reduces."""
         if not self.world.distributed:
             return idx, 1.0
         local = shard(idx, self.world)
