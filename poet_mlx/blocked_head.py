@@ -144,8 +144,11 @@ def _row_chunk(head: LinearHead, h, y, block: int, grad: bool, entropy: bool) ->
     """`head_stats` of up to HEAD_ROWS rows h (M, D), one vocabulary block after another."""
     m = z = g = ent = target = None
     for v0, v1 in spans(head.vocab, block):
-        last = [a for a in (z, g, ent) if a is not None]
-        x = mx.depends(h, last) if last else h  # this block's scores wait for the previous block's sums
+        # This block's scores wait for all the previous block's results, the target logit included: else that
+        # pick may run last (MLX's evaluation tape is breadth-first up to a width, `parallel_rows` widens it),
+        # keeping every block's scores alive (SmolLM2, DPO 2 x 256: 83 MB more at the peak).
+        last = [a for a in (z, g, ent, target) if a is not None]
+        x = mx.depends(h, last) if last else h
         w = head.rows(v0, v1, after=last or None)  # (b, D)
         scores = x @ w.T
         if head.bias is not None:

@@ -153,7 +153,7 @@ def head_in_chunks(head, hidden, targets, values, chunk_elements: Optional[int] 
     for s in range(0, hidden.shape[0], rows):
         h = hidden[s : s + rows]
         if parts:
-            h = mx.depends(h, parts[-1][0])
+            h = mx.depends(h, list(parts[-1]))  # all of them: one left for later would keep its logits alive
         parts.append(values(head(h), targets[s : s + rows]))
     return tuple(mx.concatenate(col) if len(parts) > 1 else col[0] for col in zip(*parts))
 

@@ -173,11 +173,11 @@ def attend_backward(q, keys, values, d_out, out, lse, block: int = BLOCK):
     import mlx.core as mx
 
     d_out, out = (x.transpose(0, 2, 3, 1, 4) for x in (d_out, out))  # (B, KV, g, T, D) views
+    keys, values = after_cotangents([keys, values], [d_out])  # else a wide tape may build [K, 1] etc. up front
     b, kv, g, t, d = q.shape
-    delta = (d_out * out).sum(axis=-1)  # (B, KV, g, T): rowsum(dO * O)
+    delta, one = (d_out * out).sum(axis=-1), mx.array(1.0, keys.dtype)  # (B, KV, g, T): rowsum(dO * O)
     ones = mx.ones((b, kv, t, 1), keys.dtype)
     k1, v1 = mx.concatenate([keys, ones], axis=-1), mx.concatenate([values, ones], axis=-1)  # (B, KV, T, D + 1)
-    one = mx.array(1.0, keys.dtype)
     blocks = spans(t, block)
     dk_parts, dv_parts = [[] for _ in blocks], [[] for _ in blocks]  # per key block
     dqs, after = [], d_out
