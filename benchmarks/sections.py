@@ -85,14 +85,15 @@ def run_child(module: str, spec: dict, env: Optional[dict] = None, python: str =
     """Run `python -m benchmarks.<module> <spec>` (or `python <script> <spec>`) and return its result dict;
     {"error": ...} when it fails. With POET_MLX_JIT=default in `env` (`PEER_ENV`) the child also gets the PATH
     and TMPDIR from before this process's `backends.jit` set up its compiler wrapper, which a child would
-    otherwise inherit (and with it poet-mlx's kernel flags and kernels)."""
-    from poet_mlx.backends import jit
+    otherwise inherit (and with it poet-mlx's kernel flags and kernels), and MLX's own evaluation-tape width
+    (`backends.parallel_rows`)."""
+    from poet_mlx.backends import jit, parallel_rows
 
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     full_env.update(env or {})
     if full_env.get(jit.ENV_SWITCH, "").lower() == "default":
-        full_env = jit.outside_env(full_env)
+        full_env = parallel_rows.outside_env(jit.outside_env(full_env))
     cmd = [python, str(script)] if script else [python, "-m", f"benchmarks.{module}"]
     load = load_average()
     try:

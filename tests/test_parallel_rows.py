@@ -6,6 +6,8 @@ the block-by-block loop computes the model's own trunk, and OpenBLAS's threads r
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -150,3 +152,16 @@ def test_the_blocked_head_keeps_one_vocabulary_block_alive_at_a_time():
     base = mx.get_active_memory()
     mx.eval(f(h, y))
     assert mx.get_peak_memory() - base < 8 << 20  # all 512 blocks' scores: 32 MB
+
+
+def test_the_tape_width_is_set_unless_the_user_set_it_and_peers_get_mlx_s_own(monkeypatch):
+    name = parallel_rows.BFS_WIDTH[0]
+    monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv(parallel_rows._WIDTH_SET, raising=False)
+    parallel_rows.set_tape_width()
+    assert os.environ[name] == parallel_rows.BFS_WIDTH[1]
+    assert name not in parallel_rows.outside_env(dict(os.environ))
+    monkeypatch.setenv(name, "64")
+    monkeypatch.delenv(parallel_rows._WIDTH_SET)
+    parallel_rows.set_tape_width()
+    assert os.environ[name] == "64" and parallel_rows.outside_env(dict(os.environ))[name] == "64"

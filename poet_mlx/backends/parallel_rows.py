@@ -44,6 +44,8 @@ from . import fast_layers, switched_off
 ENV_SWITCH = "POET_MLX_ROWS"
 BFS_WIDTH = ("MLX_BFS_MAX_WIDTH", "1000")
 """MLX's evaluation-tape width limit, set where the user has not (see the module docstring)."""
+_WIDTH_SET = "POET_MLX_TAPE_WIDTH_SET"
+"""Set (for child processes too) when `set_tape_width` set the width, so `outside_env` can take it back."""
 PROBE_TOKENS = 8
 _local = threading.local()
 
@@ -63,8 +65,18 @@ def _cores() -> int:
 def set_tape_width() -> None:
     """Widen MLX's evaluation tape (`BFS_WIDTH`) on Linux unless the user set it or switched this module off.
     Before `mlx.core` first evaluates (MLX reads it once)."""
-    if sys.platform.startswith("linux") and not switched_off(ENV_SWITCH, "serial"):
-        os.environ.setdefault(*BFS_WIDTH)
+    if sys.platform.startswith("linux") and not switched_off(ENV_SWITCH, "serial") and BFS_WIDTH[0] not in os.environ:
+        os.environ[BFS_WIDTH[0]] = BFS_WIDTH[1]
+        os.environ[_WIDTH_SET] = "1"
+
+
+def outside_env(env: dict) -> dict:
+    """`env` (a child's environment, from os.environ) without the tape width poet-mlx set: a child that should
+    run as MLX does elsewhere (a benchmark's peer). A width the user set stays."""
+    env = dict(env)
+    if env.pop(_WIDTH_SET, None):
+        env.pop(BFS_WIDTH[0], None)
+    return env
 
 
 def streams(n: int) -> list:
