@@ -139,8 +139,8 @@ class Feed:
 
     groups: (n_g, L_g) int32 token arrays: the batch's rows sorted by length, in two halves (`row_groups`);
     positions: (R,) int32 flat indices into the targets of all groups (each group's (n_g, L_g - 1) target
-        grid, flattened, the grids concatenated in group order) of every kept response token, padded to
-        `packed_size` with index 0 (`group_positions` splits them by group);
+        grid, flattened, the grids concatenated in group order) of every kept response token, each group's
+        padded to `packed_size` with the group's first index (`group_positions` splits them by group);
     rows: (R,) int32 the batch row (0..2B-1, chosen then rejected) of each position, -1 for padding;
     offsets: (R,) int32 each position's place in its response (0 = first response token).
     """
@@ -157,13 +157,11 @@ class Feed:
     @property
     def group_positions(self) -> tuple:
         """`positions` split by group, each index into its own group's (n_g, L_g - 1) target grid: one (R_g,)
-        int32 array per group, which together list the same targets in the same order (the padding, index 0,
-        in the last group)."""
+        int32 array per group, which together list the same targets in the same order."""
         sizes = [g.shape[0] * (g.shape[1] - 1) for g in self.groups]
         bases = np.cumsum([0] + sizes)
-        group = np.where(self.rows >= 0, np.searchsorted(bases, self.positions, side="right") - 1, len(sizes) - 1)
-        local = np.where(self.rows >= 0, self.positions - bases[group], 0).astype(np.int32)
-        return tuple(local[group == g] for g in range(len(sizes)))
+        group = np.searchsorted(bases, self.positions, side="right") - 1  # padding points into its own group
+        return tuple((self.positions[group == g] - bases[g]).astype(np.int32) for g in range(len(sizes)))
 
 
 def packed_size(n: int) -> int:
@@ -205,19 +203,25 @@ def feed_rows(tokens: np.ndarray, starts: np.ndarray, keep_lens: np.ndarray, pad
     for members in groups:
         width = round_up(int(lengths[members].max()), pad_multiple)
         arrays.append(np.ascontiguousarray(tokens[members, :width]))
+        start = len(positions)
         for j, r in enumerate(members):
             n = int(keep_lens[r])
             positions.append(base + j * (width - 1) + int(starts[r]) + np.arange(n))
             rows.append(np.full(n, r))
             offsets.append(np.arange(n))
+        # Each group's positions are padded on their own (to a few sizes: one compiled trace serves many
+        # batches), pointing at the group's first target, so that each group's share is a contiguous slice.
+        real = int(sum(len(p) for p in positions[start:]))
+        pad = packed_size(real) - real
+        positions.append(np.full(pad, base))
+        rows.append(np.full(pad, -1))
+        offsets.append(np.zeros(pad, np.int64))
         base += len(members) * (width - 1)
-    real = int(sum(len(p) for p in positions))
-    pad = packed_size(real) - real
     return Feed(
         groups=tuple(arrays),
-        positions=np.concatenate(positions + [np.zeros(pad, np.int64)]).astype(np.int32),
-        rows=np.concatenate(rows + [np.full(pad, -1)]).astype(np.int32),
-        offsets=np.concatenate(offsets + [np.zeros(pad, np.int64)]).astype(np.int32),
+        positions=np.concatenate(positions).astype(np.int32),
+        rows=np.concatenate(rows).astype(np.int32),
+        offsets=np.concatenate(offsets).astype(np.int32),
     )
 
 

@@ -94,8 +94,13 @@ def test_feed_positions_point_at_each_response_token():
         mine = feed.rows == r
         np.testing.assert_array_equal(feed.offsets[mine], np.arange(len(response)))
         np.testing.assert_array_equal(targets[feed.positions[mine]], response)
-    real = int(batch.keep_lens.sum())
-    assert len(feed.positions) == packed_size(real) and (feed.rows[real:] == -1).all()
+    # Each group's positions are padded to `packed_size` on their own, the padding after the group's real ones.
+    sizes = [g.shape[0] * (g.shape[1] - 1) for g in feed.groups]
+    group = np.searchsorted(np.cumsum([0] + sizes), feed.positions, side="right") - 1
+    assert (np.diff(group) >= 0).all() and len(feed.group_positions) == 2
+    for g, local in enumerate(feed.group_positions):
+        real = int((feed.rows[group == g] >= 0).sum())
+        assert len(local) == packed_size(real) and (feed.rows[group == g][real:] == -1).all()
     assert padding_fraction(batch) < padding_fraction(batch, halves=False)
 
 
