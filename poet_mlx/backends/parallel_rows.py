@@ -26,8 +26,9 @@ used only where a probe shows it gives the model's own numbers (`trunk`); elsewh
 the other, as before. The custom VJPs of `fast_layers`, `lean_lora` and `logprobs` run on the stream of their
 forward (`fast_layers.on_forward_stream`), so the backward is split as the forward is.
 
-Measured (SmolLM2-135M float32, DPO+POET at 8 pairs x ~512 tokens, LoRA r8 on 16 layers, 2 cores): a step
-24.7 -> 20.4 s at the same peak (3.58 GB), the same loss bit for bit. Off switch: `POET_MLX_ROWS=serial`.
+Measured (SmolLM2-135M float32, LoRA r8 on 16 layers, 2 cores, `benchmarks/real.py`): the DPO+POET step at
+8 x 512 28.8 -> 23.7 s, its reference pass 26.9 -> 22.9 s, DPO at 2 x 256 3.54 -> 3.12 s, at the same peak
+and with the same loss bit for bit. Off switch: `POET_MLX_ROWS=serial`.
 """
 
 from __future__ import annotations
