@@ -165,3 +165,30 @@ def test_the_tape_width_is_set_unless_the_user_set_it_and_peers_get_mlx_s_own(mo
     monkeypatch.delenv(parallel_rows._WIDTH_SET)
     parallel_rows.set_tape_width()
     assert os.environ[name] == "64" and parallel_rows.outside_env(dict(os.environ))[name] == "64"
+
+
+def test_a_custom_vjp_runs_on_the_stream_of_its_forward():
+    """MLX traces a custom VJP on whatever stream is current then: `fast_layers.on_stream` puts it back on the
+    forward's, so a group's backward stays on its group's stream."""
+    from poet_mlx.backends.fast_layers import current_stream, on_stream
+
+    other = parallel_rows.streams(2)[1]
+    seen = []
+
+    def make(wrapped: bool):
+        @mx.custom_function
+        def f(x):
+            return x * x
+
+        def vjp(primals, cotangent, output):
+            seen.append(current_stream())
+            return 2 * primals[0] * cotangent
+
+        f.vjp(on_stream(current_stream())(vjp) if wrapped else vjp)
+        return f
+
+    for wrapped in (True, False):
+        with mx.stream(other):
+            f = make(wrapped)
+        mx.eval(mx.grad(lambda x: f(x).sum())(mx.array([1.0, 2.0])))
+    assert seen == [other, mx.default_stream(mx.cpu)]

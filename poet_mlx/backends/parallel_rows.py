@@ -24,7 +24,7 @@ The trunk is run block by block (`Trunk`): embedding, each block with the causal
 what mlx-lm's llama, qwen2, qwen3, mistral... trunks do, but not all (gemma scales its embeddings), so it is
 used only where a probe shows it gives the model's own numbers (`trunk`); elsewhere the groups run one after
 the other, as before. The custom VJPs of `fast_layers`, `lean_lora` and `logprobs` run on the stream of their
-forward (`fast_layers.on_forward_stream`), so the backward is split as the forward is.
+forward (`fast_layers.on_stream`), so the backward is split as the forward is.
 
 Measured (SmolLM2-135M float32, LoRA r8 on 16 layers, 2 cores, `benchmarks/real.py`): the DPO+POET step at
 8 x 512 28.8 -> 23.7 s, its reference pass 26.9 -> 22.9 s, DPO at 2 x 256 3.54 -> 3.12 s, at the same peak
@@ -148,7 +148,9 @@ class Trunk:
 
 def trunk(model) -> Optional[Trunk]:
     """The model's `Trunk` where `wanted()` and a probe shows it computes `model.model(tokens)` exactly (eval mode,
-    PROBE_TOKENS tokens); else None. The verdict is kept on the model while its trunk keeps the same layers."""
+    PROBE_TOKENS tokens); else None. The verdict is kept on the model while its trunk keeps the same layers.
+    The probe evaluates arrays, so its first call must come before any `mx.compile` trace that uses the model
+    (`engaged`, which the trainer and the scoring loop enter first, makes it)."""
     if not wanted():
         return None
     inner = getattr(model, "model", None)
