@@ -192,3 +192,13 @@ def test_a_custom_vjp_runs_on_the_stream_of_its_forward():
             f = make(wrapped)
         mx.eval(mx.grad(lambda x: f(x).sum())(mx.array([1.0, 2.0])))
     assert seen == [other, mx.default_stream(mx.cpu)]
+
+
+@pytest.mark.parametrize("model_type, extra, split", [
+    ("llama", {}, True), ("qwen2", {}, True), ("qwen3", {"head_dim": 16, "rope_theta": 10000.0}, True),
+    ("gemma", {"head_dim": 16}, False),  # gemma scales its embeddings inside its trunk: the probe says no
+])
+def test_which_architectures_are_split(model_type, extra, split):
+    from test_lean_lora import model_of
+
+    assert (parallel_rows.trunk(model_of(model_type, **extra)) is not None) == split
