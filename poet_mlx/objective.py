@@ -77,9 +77,14 @@ def packed_hidden(model, groups, positions) -> mx.array:
     return mx.concatenate(group_hidden(model, groups, positions)[0])
 
 
+def group_targets(groups, positions) -> list:
+    """Each group's (R_g,) tokens that follow its response positions (arguments as `group_hidden`)."""
+    return [gather(g[:, 1:], p) for g, p in zip(groups, positions)]
+
+
 def packed_targets(groups, positions) -> mx.array:
     """(R,) the token that follows each packed response position (arguments as `group_hidden`)."""
-    return mx.concatenate([gather(g[:, 1:], p) for g, p in zip(groups, positions)])
+    return mx.concatenate(group_targets(groups, positions))
 
 
 def packed_logits(model, groups, positions, head=None) -> mx.array:
@@ -107,7 +112,7 @@ def response_token_logps(model, groups, positions, head=None, frozen_head: bool 
     """
     if head is not None and frozen_head:
         hidden, streams = group_hidden(model, groups, positions)
-        targets = [gather(g[:, 1:], p) for g, p in zip(groups, positions)]
+        targets = group_targets(groups, positions)
         return mx.concatenate(each_group(streams, partial(head_token_logps, head), hidden, targets))
     targets = packed_targets(groups, positions)
     return per_token_logps(packed_logits(model, groups, positions, head)[None], targets[None])[0]

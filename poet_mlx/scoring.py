@@ -48,7 +48,7 @@ def score_sequences(model, sequences: Sequence[tuple[np.ndarray, np.ndarray]], b
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
     logps: list = [None] * len(sequences)
     ents: list = [None] * len(sequences) if entropy else None
-    with engaged(model, 2 if halves else 1):  # OpenBLAS threads per stream where the groups run side by side
+    with engaged(model, halves):  # OpenBLAS threads per stream where the groups run side by side
         for b in range(0, len(order), batch_rows):
             idx = order[b : b + batch_rows]
             tokens = pad_rows([np.concatenate([sequences[i][0], sequences[i][1]]) for i in idx], pad_id)
@@ -77,7 +77,7 @@ def _scorer(model, head, entropy: bool):
     import mlx.core as mx
 
     from .logprobs import per_token_logps, token_entropy
-    from .objective import each_group, gather, group_hidden, packed_logits, packed_targets
+    from .objective import each_group, group_hidden, group_targets, packed_logits, packed_targets
 
     def values(logits, targets):  # (M, V), (M,) -> (log-probs,) or (log-probs, entropies), (M,) each
         lp = per_token_logps(logits[None], targets[None])[0]
@@ -88,7 +88,7 @@ def _scorer(model, head, entropy: bool):
         if head is None:
             return values(packed_logits(model, groups, positions), packed_targets(groups, positions))
         hidden, streams = group_hidden(model, groups, positions)  # each group on its own stream where split
-        targets = [gather(g[:, 1:], p) for g, p in zip(groups, positions)]
+        targets = group_targets(groups, positions)
         parts = each_group(streams, lambda h, t: head_values(head, h, t, values, entropy), hidden, targets)
         return tuple(mx.concatenate(column) for column in zip(*parts))  # (R,) each
 

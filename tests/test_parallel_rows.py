@@ -85,7 +85,7 @@ def objective(model, batch, frozen_head: bool, compiled: bool):
 
     if compiled:
         step = mx.compile(step, inputs=model.state, outputs=model.state)  # as the trainer does
-    with parallel_rows.engaged(model, 2):
+    with parallel_rows.engaged(model, True):
         (loss, metrics), grads = step(*batch_inputs(batch))
         mx.eval(loss, metrics, grads)
     return loss, metrics, dict(tree_flatten(grads))
@@ -129,10 +129,10 @@ def test_engaged_gives_each_stream_its_share_of_the_blas_threads_and_restores_th
     before = get()
     with blas.gemm_threads(before):
         pass
-    with parallel_rows.engaged(tiny_llama(False), 2):
+    with parallel_rows.engaged(tiny_llama(False), True):
         assert get() == 2
     assert get() == before
-    with parallel_rows.engaged(tiny_llama(False), 1):
+    with parallel_rows.engaged(tiny_llama(False), False):
         assert get() == before, "one group: nothing runs side by side"
 
 

@@ -152,7 +152,7 @@ def gemm_threads(n: int):
     """OpenBLAS runs each GEMM on at most n threads inside the context, as before after it (`parallel_rows`: two
     streams' GEMMs side by side, one thread each). MLX is synchronized on entry and exit, so no GEMM in flight
     sees the change. A no-op where MLX's GEMMs do not go to OpenBLAS, or where n is already the setting."""
-    if _OPENBLAS is None or not STATUS.active:
+    if _OPENBLAS is None:  # set only once MLX's GEMMs go to OpenBLAS
         yield
         return
     before = int(_OPENBLAS.scipy_openblas_get_num_threads())

@@ -189,11 +189,12 @@ def _probe(model, inner) -> bool:
         model.train(was_training)
 
 
-def engaged(model, groups: int):
-    """A context in which `groups` row groups of `model` run on parallel streams: OpenBLAS's threads per GEMM
-    become cores // groups for its duration (`blas.gemm_threads`); a no-op where the trunk is not split."""
+def engaged(model, halves: bool):
+    """A context in which the two row groups of `model`'s batches (`halves`, as `batching.row_groups` makes
+    them) run on parallel streams: OpenBLAS's threads per GEMM become cores // 2 for its duration
+    (`blas.gemm_threads`); a no-op without halves or where the trunk is not split."""
     from .blas import gemm_threads
 
-    if groups < 2 or trunk(model) is None:
+    if not halves or trunk(model) is None:
         return contextlib.nullcontext()
-    return gemm_threads(max(1, _cores() // groups))
+    return gemm_threads(max(1, _cores() // 2))

@@ -41,7 +41,7 @@ def evaluate(model, pair_set, objective: LossConfig, batch_size: int, pad_id: in
         n_real = len(mine)
     done = 0
     for j, idx in enumerate(mine):
-        with engaged(model, 2 if halves else 1):  # OpenBLAS threads per stream, where the groups run side by side
+        with engaged(model, halves):  # OpenBLAS threads per stream, where the groups run side by side
             _, metrics = batch_objective(model, *batch_inputs(pair_set.batch(idx, pad_id), halves), objective, head)
             mx.eval(metrics)
         for name, values in metrics.items():

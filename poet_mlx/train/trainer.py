@@ -141,7 +141,7 @@ class Trainer:
             # Dropout draws from a key fixed by (seed, micro-batch), so a resumed run replays them exactly.
             mx.random.seed(self.cfg.seed * 1_000_003 + self.state.micro)
             local, weight = self._local_share(idx)
-            with engaged(self.model, 2 if self.halves else 1):  # OpenBLAS threads per stream, where split
+            with engaged(self.model, self.halves):  # OpenBLAS threads per stream, where split
                 loss, mvec, g = grad_step(*batch_inputs(self.train_set.batch(local, self.pad_id), self.halves))
                 mx.eval(loss, mvec, g)  # alone: with the norm in the same graph, a higher peak (backends/runahead.py)
             g, mvec = weighted_average_tree((g, mvec), weight, self.world)
