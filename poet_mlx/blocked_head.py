@@ -141,8 +141,13 @@ def head_stats(head: LinearHead, hidden: mx.array, targets: mx.array, chunk_elem
 
 
 def _row_chunk(head: LinearHead, h, y, block: int, grad: bool, entropy: bool) -> dict:
-    """`head_stats` of up to HEAD_ROWS rows h (M, D), one vocabulary block after another."""
-    m = z = g = ent = target = None
+    """`head_stats` of up to HEAD_ROWS rows h (M, D), one vocabulary block after another.
+
+    Each block's scores are computed vocabulary-major, (b, M): the maxima and sums over a block's words are
+    then reductions over the leading axis with the rows contiguous, which MLX's CPU backend runs 3-5x faster
+    than over the last axis (512 x 1024 scores: max 0.50 -> 0.10 ms, sum 0.25 -> 0.07 ms). SmolLM2's head
+    over 3,200 rows on one OpenBLAS thread: 1.62 -> 1.48 s, 3.0 -> 2.55 s with the gradient."""
+    m = z = g = ent = target = None  # m, z, ent: (1, M) running values; g: (M, D)
     for v0, v1 in spans(head.vocab, block):
         # This block's scores wait for all the previous block's results, the target logit included: else that
         # pick may run last (MLX's evaluation tape is breadth-first up to a width, `parallel_rows` widens it),
@@ -150,31 +155,31 @@ def _row_chunk(head: LinearHead, h, y, block: int, grad: bool, entropy: bool) ->
         last = [a for a in (z, g, ent, target) if a is not None]
         x = mx.depends(h, last) if last else h
         w = head.rows(v0, v1, after=last or None)  # (b, D)
-        scores = x @ w.T
+        scores = w @ x.T  # (b, M)
         if head.bias is not None:
-            scores = scores + head.bias[v0:v1]
-        scores = scores.astype(mx.float32)  # (M, b)
+            scores = scores + head.bias[v0:v1, None]
+        scores = scores.astype(mx.float32)
         inside = (y >= v0) & (y < v1)
-        picked = mx.take_along_axis(scores, mx.clip(y - v0, 0, v1 - v0 - 1)[:, None], axis=-1)[:, 0]
+        picked = mx.take_along_axis(scores, mx.clip(y - v0, 0, v1 - v0 - 1)[None, :], axis=0)[0]
         target = mx.where(inside, picked, 0.0 if target is None else target)
-        top = scores.max(axis=-1, keepdims=True)
+        top = scores.max(axis=0, keepdims=True)  # (1, M)
         new_m = top if m is None else mx.maximum(m, top)
-        p = mx.exp(scores - new_m)  # (M, b)
-        rescale = None if m is None else mx.exp(m - new_m)  # (M, 1)
+        p = mx.exp(scores - new_m)  # (b, M)
+        rescale = None if m is None else mx.exp(m - new_m)  # (1, M)
 
-        def update(old, new):
-            return new if old is None else old * rescale + new
+        def update(old, new, factor):
+            return new if old is None else old * factor + new
 
-        z = update(z, p.sum(axis=-1, keepdims=True))
+        z = update(z, p.sum(axis=0, keepdims=True), rescale)
         if grad:
-            g = update(g, (p.astype(w.dtype) @ w).astype(mx.float32))  # (M, D)
+            g = update(g, (p.T.astype(w.dtype) @ w).astype(mx.float32), None if rescale is None else rescale.T)
         if entropy:
-            ent = update(ent, (p * scores).sum(axis=-1, keepdims=True))
+            ent = update(ent, (p * scores).sum(axis=0, keepdims=True), rescale)
         m = new_m
-    lse = (m + mx.log(z))[:, 0]
+    lse = (m + mx.log(z))[0]
     out = {"logps": target - lse}
     if grad:
-        out["grad"] = head.gather(y).astype(mx.float32) - g / z
+        out["grad"] = head.gather(y).astype(mx.float32) - g / z.T
     if entropy:
-        out["entropy"] = lse - (ent / z)[:, 0]
+        out["entropy"] = lse - (ent / z)[0]
     return out
