@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from typing import Optional
 
 import poet_mlx  # noqa: F401  (first: OpenBLAS before mlx.core, unless POET_MLX_BLAS=reference)
 from benchmarks.report import child_main
@@ -53,12 +54,12 @@ def run_sgemm(spec: dict) -> dict:
 
 
 def step_flops(config: dict, steps: int) -> dict:
-    """Matmul FLOPs of each training step's batch and of the reference pass, and the padding fed, from
-    the trainer's own data path (tokenization, POET layouts, epoch order)."""
+    """Matmul FLOPs of each training step's batch and of the reference pass, the padding fed and each step's
+    batch shape, from the trainer's own data path (tokenization, POET layouts, epoch order, feed)."""
     from mlx_lm.utils import load_tokenizer
 
     from benchmarks import flops
-    from poet_mlx.batching import epoch_batches, padding_fraction, pair_set
+    from poet_mlx.batching import epoch_batches, make_feed, padding_fraction, pair_set
     from poet_mlx.config import RunConfig
     from poet_mlx.data.splits import read_split, tokenize_split
     from poet_mlx.models import resolve_model_path
@@ -74,7 +75,7 @@ def step_flops(config: dict, steps: int) -> dict:
     b = cfg.train.batch_size
     order = [batch for epoch in range(steps * b // max(1, len(pairs)) + 1)
              for batch in epoch_batches([lay.tokens for lay in ps.layouts], b, cfg.train.seed, epoch)][:steps]
-    per_step, padding = [], []
+    per_step, padding, shapes = [], [], []
     for idx in order:
         rows = []
         for i in idx:
@@ -83,27 +84,73 @@ def step_flops(config: dict, steps: int) -> dict:
                 rows.append(flops.row_flops(shape, len(p.prompt) + keep - 1, keep, adapted, cfg.lora.rank, True))
         per_step.append(flops.total(rows))
         padding.append(padding_fraction(ps.batch(idx, 0)))
+        feed = make_feed(ps.batch(idx, 0))
+        shapes.append([list(g.shape) for g in feed.groups] + [len(p) for p in feed.group_positions])
     ref = flops.total([flops.row_flops(shape, len(p.prompt) + len(r) - 1, len(r), adapted, cfg.lora.rank, False)
                        for p in pairs for r in (p.chosen, p.rejected)])
-    return {"per_step": per_step, "reference": ref, "padding": padding, "pairs": len(pairs)}
+    return {"per_step": per_step, "reference": ref, "padding": padding, "pairs": len(pairs), "shapes": shapes,
+            "tokenized": pairs, "model_path": str(path)}
+
+
+def compiled_steps(shapes: list) -> tuple[list[int], list[int]]:
+    """(steps whose batch shape an earlier step had: the compiled step runs as it is, steps after the first
+    with a new shape: they trace and compile the step first), as step indices."""
+    compiled = [i for i, s in enumerate(shapes) if s in shapes[:i]]
+    return compiled, [i for i in range(1, len(shapes)) if i not in compiled]
+
+
+def _rate(f: dict, times: list, steps: list) -> Optional[float]:
+    return sum(f["per_step"][i]["total"] for i in steps) / sum(times[i] for i in steps) / 1e9 if steps else None
+
+
+def reference_twice(model_path: str, pairs: list) -> list[float]:
+    """Seconds of two reference passes over `pairs` in one process, as the trainer runs them (the base model,
+    `train.reference`'s batch): the first traces and compiles each batch shape, the second runs compiled."""
+    from poet_mlx.data.tokenization import pad_id
+    from poet_mlx.models import load_model
+    from poet_mlx.scoring import pair_token_logps
+    from poet_mlx.train.reference import REFERENCE_BATCH
+
+    model, tok, _ = load_model(model_path)
+    times = []
+    for _ in range(2):
+        tic = time.perf_counter()
+        pair_token_logps(model, pairs, REFERENCE_BATCH, pad_id(tok))
+        times.append(time.perf_counter() - tic)
+    return times
 
 
 def run_step(spec: dict) -> dict:
+    """A training run (`benchmarks.ours.run_case`) and its achieved matmul FLOP/s. The step's rate is over the
+    steps whose batch shape was compiled by an earlier step (`compiled_steps`; else every step after the
+    first), the steps that met a new shape are reported apart; with spec["reference_twice"] also the
+    reference pass traced and compiled (`reference_twice`)."""
     from benchmarks import ours
 
     out = ours.run_case(spec)
-    f = step_flops(spec["config"], len(out["step_times"]))
-    steady = list(range(1, len(out["step_times"]))) or [0]
-    t = sum(out["step_times"][i] for i in steady)
+    times = out["step_times"]
+    f = step_flops(spec["config"], len(times))
+    compiled, traced = compiled_steps(f["shapes"])
+    steady = compiled or traced or [0]
     out.update({
         "flops_per_step": [s["total"] for s in f["per_step"]],
         "flops_parts": f["per_step"][steady[0]],
-        "step_gflops": sum(f["per_step"][i]["total"] for i in steady) / t / 1e9,
+        "step_shapes": f["shapes"],
+        "compiled_steps": compiled,
+        "new_shape_steps": traced,
+        "step_gflops": _rate(f, times, steady),
+        "compiled_step_s": statistics.median(times[i] for i in steady),
+        "new_shape_step_s": statistics.median(times[i] for i in traced) if traced else None,
+        "new_shape_step_gflops": _rate(f, times, traced),
         "reference_flops": f["reference"]["total"],
         "reference_gflops": f["reference"]["total"] / out["reference_s"] / 1e9 if out.get("reference_s") else None,
         "padding": statistics.fmean(f["padding"]),
         "data_pairs": f["pairs"],
     })
+    if spec.get("reference_twice"):
+        first, again = reference_twice(f["model_path"], f["tokenized"])
+        out.update({"reference_first_s": first, "reference_compiled_s": again,
+                    "reference_compiled_gflops": f["reference"]["total"] / again / 1e9})
     return out
 
 

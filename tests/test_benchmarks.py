@@ -332,3 +332,12 @@ def test_peer_verdict_names_the_cases_that_meet_both_targets():
     rows[0][8] = 0.6
     assert "same checkpointing: dpo." in real._peer_verdict(rows)
     assert real._peer_verdict(rows[3:]) == ""
+
+
+def test_the_step_rate_counts_steps_whose_batch_shape_an_earlier_step_had():
+    from benchmarks import real_child
+
+    a, b, c = [[8, 448], [8, 480], 3072, 3072], [[8, 480], [8, 512], 3072, 3584], [[8, 416], [8, 448], 2560, 3072]
+    assert real_child.compiled_steps([a, b, a, b, c, a]) == ([2, 3, 5], [1, 4])
+    assert real_child.compiled_steps([a, b]) == ([], [1])
+    assert real_child.compiled_steps([a]) == ([], [])
