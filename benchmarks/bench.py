@@ -7,7 +7,7 @@ side with mlx-lm-lora when it is installed.
     python benchmarks/bench.py --setup-peer   # installs mlx-lm-lora 5.10.2 into benchmarks/.peer-venv and
                                               # unsloth-zoo 2026.10.9 into benchmarks/.peer-venv-unsloth
     python benchmarks/bench.py --real [--real-plan medium]  # SmolLM2-135M-Instruct side by side with both
-                                                  # peers (full: over an hour on 2 cores; medium ~20 min;
+                                                  # peers (full: over an hour on 2 cores; medium ~23 min;
                                                   # quick, also --quick, ~15 min; benchmarks/real.py)
 
 Prints one table per section and writes every number to a JSON file (default benchmarks/out/bench.json).

@@ -72,7 +72,7 @@ class RealPlan:
     @classmethod
     def plan(cls, name: str) -> "RealPlan":
         """"full" (over an hour on 2 cores: the 8 x 512 step alone takes ~10 min per thread setting), "medium"
-        (the realistic 8 x 512 step and its profile, sampling, the peers and QLoRA at 2 x 256; ~20 min with
+        (the realistic 8 x 512 step and its profile, sampling, the peers and QLoRA at 2 x 256; ~23 min with
         the warm-up) or "quick" (~15 min)."""
         return {"full": cls, "medium": cls.medium, "quick": cls.quick}[name]()
 
