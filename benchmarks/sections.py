@@ -75,18 +75,18 @@ def cpu_name() -> Optional[str]:
         return None
 
 
-PEER_ENV = {"POET_MLX_JIT": "default", "POET_MLX_MALLOC": "default"}
+PEER_ENV = {"POET_MLX_JIT": "default", "POET_MLX_MALLOC": "default", "POET_MLX_ROWS": "serial"}
 """A peer's settings: it imports poet_mlx for the OpenBLAS routing only, so both sides run the same GEMMs,
-and gets none of poet-mlx's other CPU settings (its compiler flags, malloc tuning)."""
+and gets none of poet-mlx's other CPU settings (its compiler flags, malloc tuning, MLX's evaluation-tape
+width: without POET_MLX_ROWS=serial, importing poet_mlx in the peer's process widened its tape, and
+unsloth-zoo's DPO at 2 x 256 peaked at 1.90 GB instead of 1.68, 1.15 instead of 0.93 with checkpointing)."""
 
 
-def run_child(module: str, spec: dict, env: Optional[dict] = None, python: str = sys.executable,
-              script: Optional[Path] = None, timeout: float = 900) -> dict:
-    """Run `python -m benchmarks.<module> <spec>` (or `python <script> <spec>`) and return its result dict;
-    {"error": ...} when it fails. With POET_MLX_JIT=default in `env` (`PEER_ENV`) the child also gets the PATH
-    and TMPDIR from before this process's `backends.jit` set up its compiler wrapper, which a child would
-    otherwise inherit (and with it poet-mlx's kernel flags and kernels), and MLX's own evaluation-tape width
-    (`backends.parallel_rows`)."""
+def child_env(env: Optional[dict] = None) -> dict:
+    """A benchmark child's environment: this one's, offline, with the checkout on PYTHONPATH, updated by `env`.
+    With POET_MLX_JIT=default in `env` (`PEER_ENV`) also the PATH and TMPDIR from before this process's
+    `backends.jit` set up its compiler wrapper, which a child would otherwise inherit (and with it poet-mlx's
+    kernel flags and kernels), and MLX's own evaluation-tape width (`backends.parallel_rows`)."""
     from poet_mlx.backends import jit, parallel_rows
 
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -94,11 +94,18 @@ def run_child(module: str, spec: dict, env: Optional[dict] = None, python: str =
     full_env.update(env or {})
     if full_env.get(jit.ENV_SWITCH, "").lower() == "default":
         full_env = parallel_rows.outside_env(jit.outside_env(full_env))
+    return full_env
+
+
+def run_child(module: str, spec: dict, env: Optional[dict] = None, python: str = sys.executable,
+              script: Optional[Path] = None, timeout: float = 900) -> dict:
+    """Run `python -m benchmarks.<module> <spec>` (or `python <script> <spec>`) in `child_env(env)` and return
+    its result dict; {"error": ...} when it fails."""
     cmd = [python, str(script)] if script else [python, "-m", f"benchmarks.{module}"]
     load = load_average()
     try:
-        proc = subprocess.run(cmd + [json.dumps(spec)], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(cmd + [json.dumps(spec)], cwd=ROOT, env=child_env(env), capture_output=True,
+                              text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in proc.stdout.splitlines():

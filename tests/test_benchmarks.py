@@ -341,3 +341,22 @@ def test_the_step_rate_counts_steps_whose_batch_shape_an_earlier_step_had():
     assert real_child.compiled_steps([a, b, a, b, c, a]) == ([2, 3, 5], [1, 4])
     assert real_child.compiled_steps([a, b]) == ([], [1])
     assert real_child.compiled_steps([a]) == ([], [])
+
+
+def test_a_peer_child_runs_with_mlx_s_own_tape_width():
+    """A peer imports poet_mlx for its BLAS routing only: in its own process that import must not widen MLX's
+    evaluation tape (`parallel_rows`), which raised unsloth-zoo's peak by 0.2 GB in the side-by-side runs."""
+    import subprocess
+    import sys
+
+    from benchmarks import sections
+    from poet_mlx.backends import parallel_rows
+
+    name = parallel_rows.BFS_WIDTH[0]
+    code = f"import os, poet_mlx, mlx.core; print(os.environ.get({name!r}, 'unset'))"
+    env = {k: v for k, v in sections.child_env(sections.PEER_ENV).items() if k != name}  # as in a fresh shell
+    peer = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert peer.stdout.split()[-1] == "unset"
+    ours = subprocess.run([sys.executable, "-c", code], env={**env, "POET_MLX_ROWS": ""}, capture_output=True,
+                          text=True, check=True)
+    assert ours.stdout.split()[-1] == parallel_rows.BFS_WIDTH[1]  # the check can fail: poet-mlx's own children
