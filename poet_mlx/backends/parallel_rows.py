@@ -73,7 +73,8 @@ def set_tape_width() -> None:
 
 def outside_env(env: dict) -> dict:
     """`env` (a child's environment, from os.environ) without the tape width poet-mlx set: a child that should
-    run as MLX does elsewhere (a benchmark's peer). A width the user set stays."""
+    run as MLX does elsewhere (a benchmark's peer). A width the user set stays. A child that imports poet_mlx
+    itself also needs POET_MLX_ROWS=serial (the benchmarks' `PEER_ENV`): else that import sets the width again."""
     env = dict(env)
     if env.pop(_WIDTH_SET, None):
         env.pop(BFS_WIDTH[0], None)
