@@ -83,8 +83,9 @@ def step_flops(config: dict, steps: int) -> dict:
             for keep in (lay.keep_chosen, lay.keep_rejected):
                 rows.append(flops.row_flops(shape, len(p.prompt) + keep - 1, keep, adapted, cfg.lora.rank, True))
         per_step.append(flops.total(rows))
-        padding.append(padding_fraction(ps.batch(idx, 0)))
-        feed = make_feed(ps.batch(idx, 0))
+        batch = ps.batch(idx, 0)
+        padding.append(padding_fraction(batch))
+        feed = make_feed(batch)
         shapes.append([list(g.shape) for g in feed.groups] + [len(p) for p in feed.group_positions])
     ref = flops.total([flops.row_flops(shape, len(p.prompt) + len(r) - 1, len(r), adapted, cfg.lora.rank, False)
                        for p in pairs for r in (p.chosen, p.rejected)])

@@ -16,6 +16,7 @@ from functools import partial
 import mlx.core as mx
 import numpy as np
 
+from .backends.parallel_rows import each_group
 from .batching import PairBatch, make_feed
 from .config import LossConfig
 from .logprobs import head_token_logps, per_token_logps
@@ -57,18 +58,6 @@ def group_hidden(model, groups, positions) -> tuple[list, list]:
 def gather(x: mx.array, positions: mx.array) -> mx.array:
     """(n, L, ...) -> (R, ...): the rows of x flattened over (n, L) at `positions` (R,)."""
     return x.reshape(-1, *x.shape[2:])[positions]
-
-
-def each_group(streams, fn, *per_group) -> list:
-    """[fn(*args of group i) for each group], each on its group's stream (streams None: the current one)."""
-    out = []
-    for i, args in enumerate(zip(*per_group)):
-        if streams is None:
-            out.append(fn(*args))
-        else:
-            with mx.stream(streams[i]):
-                out.append(fn(*args))
-    return out
 
 
 def packed_hidden(model, groups, positions) -> mx.array:

@@ -77,7 +77,8 @@ def _scorer(model, head, entropy: bool):
     import mlx.core as mx
 
     from .logprobs import per_token_logps, token_entropy
-    from .objective import each_group, group_hidden, group_targets, packed_logits, packed_targets
+    from .backends.parallel_rows import each_group
+    from .objective import group_hidden, group_targets, packed_logits, packed_targets
 
     def values(logits, targets):  # (M, V), (M,) -> (log-probs,) or (log-probs, entropies), (M,) each
         lp = per_token_logps(logits[None], targets[None])[0]

@@ -126,25 +126,33 @@ class Trunk:
     def __call__(self, inputs: list, on_streams: bool) -> list:
         """inputs: (n_g, L_g) token arrays; returns their (n_g, L_g, D) trunk outputs. With `on_streams`, group
         i runs on stream i and the groups are tied after every block."""
-        import mlx.core as mx
         from mlx_lm.models.base import create_attention_mask
 
-        ctx = [mx.stream(s) for s in streams(len(inputs))] if on_streams else None
+        on = streams(len(inputs)) if on_streams else None
 
-        def each(fn, hs):
-            if ctx is None:
-                return [fn(i, h) for i, h in enumerate(hs)]
-            out = []
-            for i, h in enumerate(hs):
-                with ctx[i]:
-                    out.append(fn(i, h))
-            return tie(out)
+        def each(fn, *per_group):
+            out = each_group(on, fn, *per_group)
+            return out if on is None else tie(out)
 
-        hs = each(lambda i, g: self.inner.embed_tokens(g), inputs)
+        hs = each(self.inner.embed_tokens, inputs)
         masks = [create_attention_mask(h, None) for h in hs]
         for layer in self.inner.layers:
-            hs = each(lambda i, h: layer(h, masks[i], None), hs)
-        return each(lambda i, h: self.inner.norm(h), hs)
+            hs = each(lambda h, mask: layer(h, mask, None), hs, masks)
+        return each(self.inner.norm, hs)
+
+
+def each_group(streams: Optional[list], fn, *per_group) -> list:
+    """[fn(*args of group i) for each group], each on its group's stream (streams None: the current one)."""
+    import mlx.core as mx
+
+    out = []
+    for i, args in enumerate(zip(*per_group)):
+        if streams is None:
+            out.append(fn(*args))
+        else:
+            with mx.stream(streams[i]):
+                out.append(fn(*args))
+    return out
 
 
 def trunk(model) -> Optional[Trunk]:
