@@ -46,10 +46,13 @@ import types
 from functools import lru_cache
 
 from . import on_linux_cpu, spans, switched_off
+from .native import attention_kernel
 
 ENV_SWITCH = "POET_MLX_LAYERS"
 BLOCK = 128
 """Query rows per attention block (64-128 measured best at T = 512 on 2 cores)."""
+NATIVE_BLOCK = 64
+"""Query positions per block in the C++ kernel (`native`): 32-64 measured best at 8 x 480, 1 thread."""
 
 
 def wanted() -> bool:
@@ -91,8 +94,34 @@ def _sum(parts: list):
     return total
 
 
+def _kernel_for(*arrays):
+    """poet-mlx's C++ attention kernel (`native`) where it is loaded and all `arrays` are float32, else None."""
+    import mlx.core as mx
+
+    if any(x.dtype != mx.float32 for x in arrays):
+        return None
+    return attention_kernel()
+
+
+def attend(q, keys, values, block: int = BLOCK):
+    """(out, lse) of `attend_forward`, computed by poet-mlx's C++ kernel (`native`, blocks of NATIVE_BLOCK
+    queries) where it is loaded and the arrays are float32, else by `attend_forward` itself. Shapes as there."""
+    kernel = _kernel_for(q, keys, values)
+    if kernel is not None:
+        return tuple(kernel.forward(q, keys, values, NATIVE_BLOCK))
+    return attend_forward(q, keys, values, block)
+
+
+def attend_grads(q, keys, values, d_out, out, lse, block: int = BLOCK):
+    """(dq, dkeys, dvalues) of `attend_backward`, by the C++ kernel where `attend` would use it."""
+    kernel = _kernel_for(q, keys, values, d_out, out, lse)
+    if kernel is not None:
+        return tuple(kernel.backward(q, keys, values, d_out, out, lse, NATIVE_BLOCK))
+    return attend_backward(q, keys, values, d_out, out, lse, block)
+
+
 def _attend(block: int):
-    """A custom function (q, keys, values) -> (out, lse): `attend_forward` with `attend_backward` as its VJP."""
+    """A custom function (q, keys, values) -> (out, lse): `attend` with `attend_grads` as its VJP."""
     return _attend_on(block, current_stream())
 
 
@@ -101,16 +130,16 @@ def _attend_on(block: int, stream):
     import mlx.core as mx
 
     @mx.custom_function
-    def attend(q, keys, values):
-        return attend_forward(q, keys, values, block)
+    def attend_fn(q, keys, values):
+        return attend(q, keys, values, block)
 
-    @attend.vjp
+    @attend_fn.vjp
     @on_stream(stream)
     def attend_vjp(primals, cotangents, outputs):
         # outputs[1] (lse) is an internal output: its cotangent is unused.
-        return attend_backward(*primals, cotangents[0], *outputs, block)
+        return attend_grads(*primals, cotangents[0], *outputs, block)
 
-    return attend
+    return attend_fn
 
 
 def attend_forward(q, keys, values, block: int = BLOCK):

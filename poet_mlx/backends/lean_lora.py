@@ -184,7 +184,7 @@ def _merge_heads(y):
 
 def projected_attention(norm, parts: list, attn, x):
     """mlx-lm's llama attention up to o_proj, on norm(x) with a causal mask: the q/k/v projections `parts`,
-    RoPE and the blocked causal attention (`fast_layers.attend_forward`) in one custom function, whose backward
+    RoPE and the blocked causal attention (`fast_layers.attend`) in one custom function, whose backward
     recomputes norm(x) and the queries (one q projection more per token) instead of keeping them, and runs
     the norm's backward once for q, k and v.
 
@@ -210,7 +210,7 @@ def projected_attention(norm, parts: list, attn, x):
     def attention(x, adapters):
         (q, k, v), kept = _project(parts, adapters, norm(x))
         keys, values = attn.rope(_split_heads(k, kv)), _split_heads(v, kv)  # (B, KV, T, hd)
-        out, lse = fast_layers.attend_forward(scaled_queries(q)[0], keys, values)  # out: (B, T, KV, g, hd)
+        out, lse = fast_layers.attend(scaled_queries(q)[0], keys, values)  # out: (B, T, KV, g, hd)
         return (out, lse, keys, values, *kept)  # all but out internal, kept for the backward
 
     @attention.vjp
@@ -222,7 +222,7 @@ def projected_attention(norm, parts: list, attn, x):
         h = norm(x)  # recomputed, and the queries from it
         base, scale, _ = parts[0]
         q, q_heads = scaled_queries(_apply(base, scale, adapters[0] or None, h)[0])
-        dq, dk, dv = fast_layers.attend_backward(q, keys, values, cotangents[0], out, lse)
+        dq, dk, dv = fast_layers.attend_grads(q, keys, values, cotangents[0], out, lse)
         # RoPE is linear: its VJP needs the input's shape only (the keys stand in for the projections).
         dq = mx.vjp(attn.rope, [q_heads], [dq.reshape(b, heads, t, -1) * attn.scale])[1][0]
         dk = mx.vjp(attn.rope, [keys], [dk])[1][0]

@@ -1,0 +1,315 @@
+// poet-mlx: causal attention as two MLX primitives for the CPU backend (Linux), built by
+// poet_mlx/backends/native.py on first use. The contract (shapes, layouts, what the backward recomputes)
+// is `fast_layers.attend_forward` / `attend_backward`'s; this file computes the same numbers with each
+// query block's scores kept in the core's cache from their GEMM to their softmax to the next GEMM, where
+// MLX's CPU kernels make one pass through memory per elementwise op.
+//
+// forward(q, k, v, block) -> [out, lse]
+//   q (B, KV, g, T, D) float32, pre-scaled; k, v (B, KV, T, D) float32.
+//   out (B, T, KV, g, D) (token-major: the layout o_proj reads), lse (B, KV, g, T).
+// backward(q, k, v, d_out, out, lse, block) -> [dq, dk, dv], shaped as q, k, v.
+//
+// Per (batch row, key/value head) and block of `block` query positions, the g query heads of the group
+// are stacked into M = g * block rows (one GEMM shares the keys), and:
+//   forward:  S = Qs K^T (M x e, e = the block's end: keys after it are never computed), the causal mask,
+//             P = softmax(S) row by row, Os = P V, lse = max + log(sum);
+//   backward: P = exp(Qs K^T - lse) recomputed (FlashAttention), dP = dOs V^T, dS = P (dP - rowsum(dO O)),
+//             dQs = dS K, dK += dS^T Qs, dV += P^T dOs (accumulated in place: beta = 1, no zero pass).
+// GEMMs go to `cblas_sgemm`: the process's global symbol, i.e. OpenBLAS once `poet_mlx.backends.blas`
+// routed MLX's matmuls there.
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/vector.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                            const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc);
+
+namespace {
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+constexpr int kLanes = 16;  // partial maxima/sums: plain loops over them vectorize without -ffast-math
+
+// exp(x) for x <= 0 (a score minus its row's maximum, or its logsumexp): Cephes' expf polynomial with
+// 2^n put into the exponent bits; branch-free so the loops calling it vectorize. Below -87 it returns
+// exp(-87) ~ 1.6e-38 instead of underflowing: nothing a float32 softmax can tell from 0.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+float row_max(const float* x, int n) {
+  float lanes[kLanes];
+  for (int l = 0; l < kLanes; l++) lanes[l] = -INFINITY;
+  int j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; l++) lanes[l] = lanes[l] > x[j + l] ? lanes[l] : x[j + l];
+  float m = -INFINITY;
+  for (int l = 0; l < kLanes; l++) m = m > lanes[l] ? m : lanes[l];
+  for (; j < n; j++) m = m > x[j] ? m : x[j];
+  return m;
+}
+
+// x[j] = exp(x[j] - shift) for j < n; returns their sum.
+float exp_shifted(float* x, int n, float shift) {
+  float lanes[kLanes] = {};
+  int j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; l++) {
+      x[j + l] = exp_nonpositive(x[j + l] - shift);
+      lanes[l] += x[j + l];
+    }
+  float sum = 0.0f;
+  for (int l = 0; l < kLanes; l++) sum += lanes[l];
+  for (; j < n; j++) {
+    x[j] = exp_nonpositive(x[j] - shift);
+    sum += x[j];
+  }
+  return sum;
+}
+
+float dot(const float* a, const float* b, int n) {
+  float lanes[kLanes] = {};
+  int j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; l++) lanes[l] += a[j + l] * b[j + l];
+  float sum = 0.0f;
+  for (int l = 0; l < kLanes; l++) sum += lanes[l];
+  for (; j < n; j++) sum += a[j] * b[j];
+  return sum;
+}
+
+struct Dims {
+  int64_t batch, kv, g, t, d, block;
+};
+
+Dims dims_of(const mx::array& q, int block) {
+  return {q.shape(0), q.shape(1), q.shape(2), q.shape(3), q.shape(4), block};
+}
+
+// Row r of the stacked block (head r / n, position t0 + r % n) is row (head, t0 + r % n) of a (g, T, D)
+// array starting at `base`; `stack` copies those rows into dst (M x D), `unstack` back.
+void stack(float* dst, const float* base, const Dims& s, int64_t t0, int64_t n) {
+  for (int64_t h = 0; h < s.g; h++)
+    std::memcpy(dst + h * n * s.d, base + (h * s.t + t0) * s.d, n * s.d * sizeof(float));
+}
+
+void unstack(float* base, const float* src, const Dims& s, int64_t t0, int64_t n) {
+  for (int64_t h = 0; h < s.g; h++)
+    std::memcpy(base + (h * s.t + t0) * s.d, src + h * n * s.d, n * s.d * sizeof(float));
+}
+
+// The same for a token-major (B, T, KV, g, D) array: row (b, t, kv, h).
+float* token_row(float* base, const Dims& s, int64_t b, int64_t t, int64_t kv, int64_t h) {
+  return base + (((b * s.t + t) * s.kv + kv) * s.g + h) * s.d;
+}
+
+void forward_kernel(const float* q, const float* k, const float* v, float* out, float* lse, Dims s) {
+  const int64_t rows = s.g * s.block;
+  std::vector<float> qs(rows * s.d), os(rows * s.d), scores(rows * s.t);
+  for (int64_t b = 0; b < s.batch; b++)
+    for (int64_t kv = 0; kv < s.kv; kv++) {
+      const int64_t head = b * s.kv + kv;
+      const float* qh = q + head * s.g * s.t * s.d;
+      const float* kh = k + head * s.t * s.d;
+      const float* vh = v + head * s.t * s.d;
+      float* lh = lse + head * s.g * s.t;
+      for (int64_t t0 = 0; t0 < s.t; t0 += s.block) {
+        const int64_t n = std::min(s.block, s.t - t0), e = t0 + n, m = s.g * n;
+        stack(qs.data(), qh, s, t0, n);
+        cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, e, s.d, 1.0f, qs.data(), s.d, kh, s.d, 0.0f,
+                    scores.data(), e);
+        for (int64_t r = 0; r < m; r++) {
+          const int64_t h = r / n, t = t0 + r % n, visible = t + 1;
+          float* row = scores.data() + r * e;
+          const float top = row_max(row, visible);
+          const float sum = exp_shifted(row, visible, top);
+          const float inv = 1.0f / sum;
+          for (int64_t j = 0; j < visible; j++) row[j] *= inv;
+          std::fill(row + visible, row + e, 0.0f);
+          lh[h * s.t + t] = top + std::log(sum);
+        }
+        cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m, s.d, e, 1.0f, scores.data(), e, vh, s.d, 0.0f,
+                    os.data(), s.d);
+        for (int64_t r = 0; r < m; r++)
+          std::memcpy(token_row(out, s, b, t0 + r % n, kv, r / n), os.data() + r * s.d, s.d * sizeof(float));
+      }
+    }
+}
+
+void backward_kernel(const float* q, const float* k, const float* v, const float* d_out, const float* out,
+                     const float* lse, float* dq, float* dk, float* dv, Dims s) {
+  const int64_t rows = s.g * s.block;
+  std::vector<float> qs(rows * s.d), dos(rows * s.d), dqs(rows * s.d), delta(rows);
+  std::vector<float> p(rows * s.t), ds(rows * s.t);
+  std::fill(dk, dk + s.batch * s.kv * s.t * s.d, 0.0f);
+  std::fill(dv, dv + s.batch * s.kv * s.t * s.d, 0.0f);
+  for (int64_t b = 0; b < s.batch; b++)
+    for (int64_t kv = 0; kv < s.kv; kv++) {
+      const int64_t head = b * s.kv + kv;
+      const float* qh = q + head * s.g * s.t * s.d;
+      const float* kh = k + head * s.t * s.d;
+      const float* vh = v + head * s.t * s.d;
+      const float* lh = lse + head * s.g * s.t;
+      float* dqh = dq + head * s.g * s.t * s.d;
+      float* dkh = dk + head * s.t * s.d;
+      float* dvh = dv + head * s.t * s.d;
+      for (int64_t t0 = 0; t0 < s.t; t0 += s.block) {
+        const int64_t n = std::min(s.block, s.t - t0), e = t0 + n, m = s.g * n;
+        stack(qs.data(), qh, s, t0, n);
+        for (int64_t r = 0; r < m; r++) {
+          const int64_t h = r / n, t = t0 + r % n;
+          const float* dor = token_row(const_cast<float*>(d_out), s, b, t, kv, h);
+          std::memcpy(dos.data() + r * s.d, dor, s.d * sizeof(float));
+          delta[r] = dot(dor, token_row(const_cast<float*>(out), s, b, t, kv, h), s.d);
+        }
+        cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, e, s.d, 1.0f, qs.data(), s.d, kh, s.d, 0.0f, p.data(), e);
+        cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, e, s.d, 1.0f, dos.data(), s.d, vh, s.d, 0.0f, ds.data(), e);
+        for (int64_t r = 0; r < m; r++) {
+          const int64_t h = r / n, t = t0 + r % n, visible = t + 1;
+          float* pr = p.data() + r * e;
+          float* dr = ds.data() + r * e;
+          exp_shifted(pr, visible, lh[h * s.t + t]);
+          const float dl = delta[r];
+          for (int64_t j = 0; j < visible; j++) dr[j] = pr[j] * (dr[j] - dl);
+          std::fill(pr + visible, pr + e, 0.0f);
+          std::fill(dr + visible, dr + e, 0.0f);
+        }
+        cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m, s.d, e, 1.0f, ds.data(), e, kh, s.d, 0.0f, dqs.data(), s.d);
+        unstack(dqh, dqs.data(), s, t0, n);
+        cblas_sgemm(kRowMajor, kTrans, kNoTrans, e, s.d, m, 1.0f, ds.data(), e, qs.data(), s.d, 1.0f, dkh, s.d);
+        cblas_sgemm(kRowMajor, kTrans, kNoTrans, e, s.d, m, 1.0f, p.data(), e, dos.data(), s.d, 1.0f, dvh, s.d);
+      }
+    }
+}
+
+void allocate(std::vector<mx::array>& outputs) {
+  for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
+}
+
+class AttentionForward : public mx::Primitive {
+ public:
+  AttentionForward(mx::Stream stream, int block) : mx::Primitive(stream), block_(block) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    allocate(outputs);
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) encoder.set_input_array(a);
+    for (auto& a : outputs) encoder.set_output_array(a);
+    encoder.dispatch([q = inputs[0].data<float>(), k = inputs[1].data<float>(), v = inputs[2].data<float>(),
+                      out = outputs[0].data<float>(), lse = outputs[1].data<float>(),
+                      s = dims_of(inputs[0], block_)]() { forward_kernel(q, k, v, out, lse, s); });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("poet-mlx's attention kernel runs on the CPU only");
+  }
+  const char* name() const override { return "PoetAttentionForward"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return block_ == static_cast<const AttentionForward&>(other).block_;
+  }
+
+ private:
+  int block_;
+};
+
+class AttentionBackward : public mx::Primitive {
+ public:
+  AttentionBackward(mx::Stream stream, int block) : mx::Primitive(stream), block_(block) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    allocate(outputs);
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) encoder.set_input_array(a);
+    for (auto& a : outputs) encoder.set_output_array(a);
+    encoder.dispatch([q = inputs[0].data<float>(), k = inputs[1].data<float>(), v = inputs[2].data<float>(),
+                      d_out = inputs[3].data<float>(), out = inputs[4].data<float>(),
+                      lse = inputs[5].data<float>(), dq = outputs[0].data<float>(),
+                      dk = outputs[1].data<float>(), dv = outputs[2].data<float>(),
+                      s = dims_of(inputs[0], block_)]() {
+      backward_kernel(q, k, v, d_out, out, lse, dq, dk, dv, s);
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("poet-mlx's attention kernel runs on the CPU only");
+  }
+  const char* name() const override { return "PoetAttentionBackward"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return block_ == static_cast<const AttentionBackward&>(other).block_;
+  }
+
+ private:
+  int block_;
+};
+
+// Row-contiguous float32 copies where needed (a no-op for arrays already so).
+std::vector<mx::array> prepared(const std::vector<mx::array>& arrays, const mx::Stream& stream) {
+  std::vector<mx::array> out;
+  for (const auto& a : arrays) {
+    if (a.dtype() != mx::float32) throw std::invalid_argument("poet-mlx attention kernel: float32 only");
+    out.push_back(mx::contiguous(a, false, stream));
+  }
+  return out;
+}
+
+void check(const mx::array& q, const mx::array& k, const mx::array& v, int block) {
+  if (q.ndim() != 5 || k.ndim() != 4 || v.shape() != k.shape() || q.shape(0) != k.shape(0) ||
+      q.shape(1) != k.shape(1) || q.shape(3) != k.shape(2) || q.shape(4) != k.shape(3) || block < 1)
+    throw std::invalid_argument("poet-mlx attention kernel: want q (B, KV, g, T, D), k and v (B, KV, T, D)");
+}
+
+std::vector<mx::array> forward(const mx::array& q, const mx::array& k, const mx::array& v, int block) {
+  check(q, k, v, block);
+  auto stream = mx::to_stream({});
+  auto in = prepared({q, k, v}, stream);
+  const auto& qs = q.shape();
+  return mx::array::make_arrays({{qs[0], qs[3], qs[1], qs[2], qs[4]}, {qs[0], qs[1], qs[2], qs[3]}},
+                                {mx::float32, mx::float32}, std::make_shared<AttentionForward>(stream, block),
+                                in);
+}
+
+std::vector<mx::array> backward(const mx::array& q, const mx::array& k, const mx::array& v,
+                                const mx::array& d_out, const mx::array& out, const mx::array& lse, int block) {
+  check(q, k, v, block);
+  const auto& qs = q.shape();
+  if (out.shape() != mx::Shape{qs[0], qs[3], qs[1], qs[2], qs[4]} || d_out.shape() != out.shape() ||
+      lse.shape() != mx::Shape{qs[0], qs[1], qs[2], qs[3]})
+    throw std::invalid_argument("poet-mlx attention kernel: d_out, out (B, T, KV, g, D), lse (B, KV, g, T)");
+  auto stream = mx::to_stream({});
+  auto in = prepared({q, k, v, d_out, out, lse}, stream);
+  return mx::array::make_arrays({q.shape(), k.shape(), v.shape()}, {mx::float32, mx::float32, mx::float32},
+                                std::make_shared<AttentionBackward>(stream, block), in);
+}
+
+}  // namespace
+
+NB_MODULE(_poet_attention, m) {
+  m.def("forward", &forward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("block"));
+  m.def("backward", &backward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("d_out"), nb::arg("out"),
+        nb::arg("lse"), nb::arg("block"));
+}

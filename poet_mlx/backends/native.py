@@ -1,0 +1,161 @@
+"""poet-mlx's own CPU kernels as MLX primitives (Linux): causal attention (`attention_kernel.cpp`).
+
+MLX's CPU backend runs each elementwise op as its own pass through memory, single-threaded, and Python can
+only compose such ops: `fast_layers.attend_forward` already computes each query block's scores key-major,
+fuses exp(s - max) into one vectorized kernel and folds the normalizer into the value matmul, and still, at
+16 x 512 tokens, only a quarter of its time is matrix multiplication; the exps, maxima, masks and copies over
+(keys, queries) score blocks too big for a core's cache take the rest. The C++ kernel keeps each block's
+scores in the cache from one GEMM to the next (`attention_kernel.cpp` says how), and computes the same
+numbers to float32 rounding (`tests/test_native.py`).
+
+It is built once per machine, like the BLAS shim (`blas`): g++ (which MLX's CPU backend already needs) compiles
+it against the headers and `libmlx` in the installed `mlx` wheel and the nanobind that MLX's Python module is
+built with (`nanobind` is a Linux dependency), with `jit.FLAGS` (vectorized for this CPU), into
+poet-mlx's cache, keyed by the source, the versions, the compiler and the CPU. After loading, a probe checks
+that MLX arrays pass into it (the nanobind ABI matches) and that it agrees with plain softmax attention on
+a small case. Any failure leaves `fast_layers` on its MLX-op attention, and STATUS says why: never an error.
+Off switch: `POET_MLX_KERNELS=python`. Nothing is built on macOS or where MLX runs on a GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import shutil
+import subprocess
+import sysconfig
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+from ..fsutil import cache_root
+from . import on_linux_cpu, switched_off
+
+ENV_SWITCH = "POET_MLX_KERNELS"
+MODULE = "_poet_attention"
+SOURCE = Path(__file__).with_name("attention_kernel.cpp")
+
+
+@dataclass
+class NativeStatus:
+    """What `attention_kernel()` found: `active` when poet-mlx's attention primitives are loaded."""
+
+    active: bool = False
+    reason: str = "not attempted"
+    library: Optional[str] = None
+
+
+STATUS = NativeStatus()
+_MODULE: Optional[ModuleType] = None
+
+
+def attention_kernel() -> Optional[ModuleType]:
+    """The loaded kernel module (`forward(q, k, v, block)`, `backward(q, k, v, d_out, out, lse, block)`, see
+    `attention_kernel.cpp`), built on first call; None where it is switched off, not wanted or failed (STATUS
+    says why). Never raises."""
+    global STATUS, _MODULE
+    if _MODULE is not None or STATUS.reason != "not attempted":
+        return _MODULE
+    if switched_off(ENV_SWITCH, "python"):
+        STATUS = NativeStatus(False, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
+    elif not on_linux_cpu():
+        STATUS = NativeStatus(False, "not Linux with MLX on the CPU")
+    else:
+        try:
+            path = _build()
+            module = _load(path)
+            _probe(module)
+        except (OSError, RuntimeError, ImportError, TypeError, ValueError, subprocess.SubprocessError) as exc:
+            STATUS = NativeStatus(False, f"kernel not used ({str(exc)[:300]}); attention runs on MLX ops")
+        else:
+            _MODULE = module
+            STATUS = NativeStatus(True, "poet-mlx's attention kernel for MLX's CPU backend", str(path))
+    return _MODULE
+
+
+def _paths() -> dict:
+    """Include and library folders: nanobind's, Python's, MLX's."""
+    try:
+        import nanobind
+    except ImportError as exc:
+        raise ImportError("nanobind is not installed (pip install nanobind)") from exc
+    import mlx
+
+    nb = Path(nanobind.__file__).parent
+    mlx_root = Path(next(iter(mlx.__path__)))
+    return {"nanobind": nb, "python": Path(sysconfig.get_paths()["include"]), "mlx": mlx_root}
+
+
+def _compiler() -> str:
+    from .jit import _BEFORE
+
+    # Not the `jit` wrapper (first on PATH once it is set up): the flags are given here, and its folder is
+    # keyed for MLX's kernels.
+    path = _BEFORE.get("PATH") or os.environ.get("PATH")
+    compiler = os.environ.get("CXX") or shutil.which("g++", path=path) or shutil.which("c++", path=path)
+    if not compiler:
+        raise RuntimeError("no C++ compiler (g++) on PATH")
+    return compiler
+
+
+def _build() -> Path:
+    """Compile (once per key) the kernel; returns the extension's path."""
+    from .jit import FLAGS, _cpu_key
+
+    paths, compiler = _paths(), _compiler()
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    key = hashlib.sha256(SOURCE.read_bytes())
+    for part in (metadata.version("mlx"), metadata.version("nanobind"), suffix, _cpu_key(compiler), str(paths["mlx"])):
+        key.update(part.encode())
+    out = cache_root() / "native" / key.hexdigest()[:16] / f"{MODULE}{suffix}"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}")
+    nb, lib = paths["nanobind"], paths["mlx"] / "lib"
+    cmd = [compiler, "-O3", "-std=c++20", "-shared", "-fPIC", "-fvisibility=hidden", *FLAGS,
+           "-DNB_DOMAIN=mlx",  # MLX's Python module registers mx.array in nanobind's "mlx" domain
+           "-I", str(nb / "include"), "-I", str(nb / "ext" / "robin_map" / "include"), "-I", str(paths["python"]),
+           "-I", str(paths["mlx"] / "include"), str(SOURCE), str(nb / "src" / "nb_combined.cpp"),
+           f"-L{lib}", "-lmlx", f"-Wl,-rpath,{lib}", "-o", str(tmp)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"compiling the attention kernel failed: {result.stderr.strip()[-300:]}")
+    os.replace(tmp, out)  # atomic: concurrent processes may race to build it
+    return out
+
+
+def _load(path: Path) -> ModuleType:
+    loader = importlib.machinery.ExtensionFileLoader(MODULE, str(path))
+    spec = importlib.util.spec_from_file_location(MODULE, str(path), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _probe(module: ModuleType) -> None:
+    """Raise unless the kernel takes MLX arrays and matches plain softmax attention (MLX ops, its gradients by
+    autodiff), forward and backward, on a small grouped-query case with several query blocks."""
+    import mlx.core as mx
+
+    keys = mx.random.split(mx.random.key(0), 4)
+    b, kv, g, t, d = 2, 2, 3, 11, 8
+    q = mx.random.normal((b, kv, g, t, d), key=keys[0])
+    k, v = mx.random.normal((b, kv, t, d), key=keys[1]), mx.random.normal((b, kv, t, d), key=keys[2])
+    d_out = mx.random.normal((b, t, kv, g, d), key=keys[3])
+
+    def attention(q, k, v):  # (B, T, KV, g, D), token-major as the kernel writes it
+        s = mx.where(mx.tril(mx.ones((t, t), mx.bool_)), mx.einsum("bkgtd,bksd->bkgts", q, k), -mx.inf)
+        return mx.einsum("bkgts,bksd->btkgd", mx.softmax(s, axis=-1), v)
+
+    out, lse = module.forward(q, k, v, 4)
+    (want,), grads = mx.vjp(attention, [q, k, v], [d_out])
+    pairs = [(out, want)] + list(zip(module.backward(q, k, v, d_out, out, lse, 4), grads))
+    for a, b in pairs:
+        if a.shape != b.shape or not mx.allclose(a, b, rtol=1e-4, atol=1e-5).item():
+            raise RuntimeError("the kernel disagrees with softmax attention on the probe")
