@@ -165,6 +165,7 @@ def test_causal_attention_uses_the_kernel_for_float32_only(kernel, monkeypatch):
 def fresh_status(monkeypatch):
     monkeypatch.setattr(native, "STATUS", native.NativeStatus())
     monkeypatch.setattr(native, "_MODULE", None)
+    monkeypatch.setattr(native, "_DECIDED", False)
 
 
 @linux_cpu
@@ -206,3 +207,15 @@ def test_built_once_per_key(kernel):
     path = native._build()
     before = path.stat().st_mtime_ns
     assert native._build() == path and path.stat().st_mtime_ns == before
+
+
+def test_accelerating_a_model_loads_the_kernel_up_front(tiny_model_dir, monkeypatch):
+    """`accelerate_layers` (model loading) builds and probes the kernel, so that its first-use cost never lands
+    inside a traced, timed training step."""
+    from mlx_lm.utils import load
+
+    calls = []
+    monkeypatch.setattr(fast_layers, "wanted", lambda: True)
+    monkeypatch.setattr(fast_layers, "attention_kernel", lambda: calls.append(1))
+    model, _ = load(str(tiny_model_dir))
+    assert fast_layers.accelerate_layers(model) > 0 and calls

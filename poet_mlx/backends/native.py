@@ -51,15 +51,18 @@ class NativeStatus:
 
 STATUS = NativeStatus()
 _MODULE: Optional[ModuleType] = None
+_DECIDED = False
+"""Set once `attention_kernel` has loaded the kernel or given up: it is not retried at every layer."""
 
 
 def attention_kernel() -> Optional[ModuleType]:
     """The loaded kernel module (`forward(q, k, v, block)`, `backward(q, k, v, d_out, out, lse, block)`, see
     `attention_kernel.cpp`), built on first call; None where it is switched off, not wanted or failed (STATUS
     says why). Never raises."""
-    global STATUS, _MODULE
-    if _MODULE is not None or STATUS.reason != "not attempted":
+    global STATUS, _MODULE, _DECIDED
+    if _DECIDED:
         return _MODULE
+    _DECIDED = True
     if switched_off(ENV_SWITCH, "python"):
         STATUS = NativeStatus(False, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
     elif not on_linux_cpu():
