@@ -130,7 +130,7 @@ def test_jit_and_malloc_settings_report_what_they_did():
         import os
         from pathlib import Path
 
-        wrapper = Path(jit.STATUS.folder) / "bin" / "g++"
+        wrapper = Path(jit.STATUS.where) / "bin" / "g++"
         assert wrapper.is_file() and os.access(wrapper, os.X_OK)
         assert all(f in wrapper.read_text() for f in jit.FLAGS)
         # A compiled, fused elementwise kernel runs (built with the flags) and gives MLX's numbers.
@@ -146,7 +146,7 @@ def _child_jit(env: dict) -> list:
     import sys
 
     code = ("import json, shutil, poet_mlx, mlx.core; from poet_mlx.backends import jit; "
-            "print(json.dumps([jit.STATUS.folder, shutil.which('g++')]))")
+            "print(json.dumps([jit.STATUS.where, shutil.which('g++')]))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -161,8 +161,8 @@ def test_a_child_process_shares_the_kernel_folder_or_leaves_it():
 
     if not (sys.platform.startswith("linux") and jit.STATUS.active):
         pytest.skip("the JIT set-up is Linux-only and active here only with g++")
-    wrapper = str(Path(jit.STATUS.folder) / "bin" / "g++")
-    assert _child_jit(dict(os.environ)) == [jit.STATUS.folder, wrapper]
+    wrapper = str(Path(jit.STATUS.where) / "bin" / "g++")
+    assert _child_jit(dict(os.environ)) == [jit.STATUS.where, wrapper]
     outside = jit.outside_env({**os.environ, jit.ENV_SWITCH: "default"})
     assert jit.INHERITED not in outside and wrapper.rsplit("/", 1)[0] not in outside["PATH"].split(os.pathsep)
     assert outside.get("TMPDIR") != os.environ["TMPDIR"]

@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from poet_mlx.backends import fast_layers, native
+from poet_mlx.backends import Status, fast_layers, native
 
 linux_cpu = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel is built on Linux only")
 
@@ -163,7 +163,7 @@ def test_causal_attention_uses_the_kernel_for_float32_only(kernel, monkeypatch):
 
 @pytest.fixture
 def fresh_status(monkeypatch):
-    monkeypatch.setattr(native, "STATUS", native.NativeStatus())
+    monkeypatch.setattr(native, "STATUS", Status())
     monkeypatch.setattr(native, "_MODULE", None)
     monkeypatch.setattr(native, "_DECIDED", False)
 

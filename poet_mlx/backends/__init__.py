@@ -7,6 +7,18 @@ bounded on request (`runahead`)."""
 
 import os
 import sys
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class Status:
+    """What a fast path's set-up did (`jit`, `native`): `active` when it is in use, `reason` in words, `where`
+    the folder or library it uses."""
+
+    active: bool = False
+    reason: str = "not attempted"
+    where: Optional[str] = None
 
 
 def on_linux_cpu() -> bool:

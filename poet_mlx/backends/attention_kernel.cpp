@@ -125,42 +125,45 @@ void unstack(float* base, const float* src, const Dims& s, int64_t t0, int64_t n
     std::memcpy(base + (h * s.t + t0) * s.d, src + h * n * s.d, n * s.d * sizeof(float));
 }
 
-// The same for a token-major (B, T, KV, g, D) array: row (b, t, kv, h).
-float* token_row(float* base, const Dims& s, int64_t b, int64_t t, int64_t kv, int64_t h) {
-  return base + (((b * s.t + t) * s.kv + kv) * s.g + h) * s.d;
+// Where row (b, t, kv, h) of a token-major (B, T, KV, g, D) array (out, d_out) starts.
+int64_t at_token(const Dims& s, int64_t b, int64_t t, int64_t kv, int64_t h) {
+  return (((b * s.t + t) * s.kv + kv) * s.g + h) * s.d;
 }
+
+// Where (batch row, key/value head) number `head` = b * KV + kv starts in a (B, KV, g, T, D) array (q, dq), a
+// (B, KV, T, D) one (k, v, dk, dv) and the (B, KV, g, T) lse.
+int64_t at_queries(const Dims& s, int64_t head) { return head * s.g * s.t * s.d; }
+int64_t at_keys(const Dims& s, int64_t head) { return head * s.t * s.d; }
+int64_t at_lse(const Dims& s, int64_t head) { return head * s.g * s.t; }
 
 void forward_kernel(const float* q, const float* k, const float* v, float* out, float* lse, Dims s) {
   const int64_t rows = s.g * s.block;
   std::vector<float> qs(rows * s.d), os(rows * s.d), scores(rows * s.t);
-  for (int64_t b = 0; b < s.batch; b++)
-    for (int64_t kv = 0; kv < s.kv; kv++) {
-      const int64_t head = b * s.kv + kv;
-      const float* qh = q + head * s.g * s.t * s.d;
-      const float* kh = k + head * s.t * s.d;
-      const float* vh = v + head * s.t * s.d;
-      float* lh = lse + head * s.g * s.t;
-      for (int64_t t0 = 0; t0 < s.t; t0 += s.block) {
-        const int64_t n = std::min(s.block, s.t - t0), e = t0 + n, m = s.g * n;
-        stack(qs.data(), qh, s, t0, n);
-        cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, e, s.d, 1.0f, qs.data(), s.d, kh, s.d, 0.0f,
-                    scores.data(), e);
-        for (int64_t r = 0; r < m; r++) {
-          const int64_t h = r / n, t = t0 + r % n, visible = t + 1;
-          float* row = scores.data() + r * e;
-          const float top = row_max(row, visible);
-          const float sum = exp_shifted(row, visible, top);
-          const float inv = 1.0f / sum;
-          for (int64_t j = 0; j < visible; j++) row[j] *= inv;
-          std::fill(row + visible, row + e, 0.0f);
-          lh[h * s.t + t] = top + std::log(sum);
-        }
-        cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m, s.d, e, 1.0f, scores.data(), e, vh, s.d, 0.0f,
-                    os.data(), s.d);
-        for (int64_t r = 0; r < m; r++)
-          std::memcpy(token_row(out, s, b, t0 + r % n, kv, r / n), os.data() + r * s.d, s.d * sizeof(float));
+  for (int64_t head = 0; head < s.batch * s.kv; head++) {
+    const int64_t b = head / s.kv, kv = head % s.kv;
+    const float *qh = q + at_queries(s, head), *kh = k + at_keys(s, head), *vh = v + at_keys(s, head);
+    float* lh = lse + at_lse(s, head);
+    for (int64_t t0 = 0; t0 < s.t; t0 += s.block) {
+      const int64_t n = std::min(s.block, s.t - t0), e = t0 + n, m = s.g * n;
+      stack(qs.data(), qh, s, t0, n);
+      cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, e, s.d, 1.0f, qs.data(), s.d, kh, s.d, 0.0f,
+                  scores.data(), e);
+      for (int64_t r = 0; r < m; r++) {
+        const int64_t h = r / n, t = t0 + r % n, visible = t + 1;
+        float* row = scores.data() + r * e;
+        const float top = row_max(row, visible);
+        const float sum = exp_shifted(row, visible, top);
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j < visible; j++) row[j] *= inv;
+        std::fill(row + visible, row + e, 0.0f);
+        lh[h * s.t + t] = top + std::log(sum);
       }
+      cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m, s.d, e, 1.0f, scores.data(), e, vh, s.d, 0.0f,
+                  os.data(), s.d);
+      for (int64_t r = 0; r < m; r++)
+        std::memcpy(out + at_token(s, b, t0 + r % n, kv, r / n), os.data() + r * s.d, s.d * sizeof(float));
     }
+  }
 }
 
 void backward_kernel(const float* q, const float* k, const float* v, const float* d_out, const float* out,
@@ -170,102 +173,83 @@ void backward_kernel(const float* q, const float* k, const float* v, const float
   std::vector<float> p(rows * s.t), ds(rows * s.t);
   std::fill(dk, dk + s.batch * s.kv * s.t * s.d, 0.0f);
   std::fill(dv, dv + s.batch * s.kv * s.t * s.d, 0.0f);
-  for (int64_t b = 0; b < s.batch; b++)
-    for (int64_t kv = 0; kv < s.kv; kv++) {
-      const int64_t head = b * s.kv + kv;
-      const float* qh = q + head * s.g * s.t * s.d;
-      const float* kh = k + head * s.t * s.d;
-      const float* vh = v + head * s.t * s.d;
-      const float* lh = lse + head * s.g * s.t;
-      float* dqh = dq + head * s.g * s.t * s.d;
-      float* dkh = dk + head * s.t * s.d;
-      float* dvh = dv + head * s.t * s.d;
-      for (int64_t t0 = 0; t0 < s.t; t0 += s.block) {
-        const int64_t n = std::min(s.block, s.t - t0), e = t0 + n, m = s.g * n;
-        stack(qs.data(), qh, s, t0, n);
-        for (int64_t r = 0; r < m; r++) {
-          const int64_t h = r / n, t = t0 + r % n;
-          const float* dor = token_row(const_cast<float*>(d_out), s, b, t, kv, h);
-          std::memcpy(dos.data() + r * s.d, dor, s.d * sizeof(float));
-          delta[r] = dot(dor, token_row(const_cast<float*>(out), s, b, t, kv, h), s.d);
-        }
-        cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, e, s.d, 1.0f, qs.data(), s.d, kh, s.d, 0.0f, p.data(), e);
-        cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, e, s.d, 1.0f, dos.data(), s.d, vh, s.d, 0.0f, ds.data(), e);
-        for (int64_t r = 0; r < m; r++) {
-          const int64_t h = r / n, t = t0 + r % n, visible = t + 1;
-          float* pr = p.data() + r * e;
-          float* dr = ds.data() + r * e;
-          exp_shifted(pr, visible, lh[h * s.t + t]);
-          const float dl = delta[r];
-          for (int64_t j = 0; j < visible; j++) dr[j] = pr[j] * (dr[j] - dl);
-          std::fill(pr + visible, pr + e, 0.0f);
-          std::fill(dr + visible, dr + e, 0.0f);
-        }
-        cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m, s.d, e, 1.0f, ds.data(), e, kh, s.d, 0.0f, dqs.data(), s.d);
-        unstack(dqh, dqs.data(), s, t0, n);
-        cblas_sgemm(kRowMajor, kTrans, kNoTrans, e, s.d, m, 1.0f, ds.data(), e, qs.data(), s.d, 1.0f, dkh, s.d);
-        cblas_sgemm(kRowMajor, kTrans, kNoTrans, e, s.d, m, 1.0f, p.data(), e, dos.data(), s.d, 1.0f, dvh, s.d);
+  for (int64_t head = 0; head < s.batch * s.kv; head++) {
+    const int64_t b = head / s.kv, kv = head % s.kv;
+    const float *qh = q + at_queries(s, head), *kh = k + at_keys(s, head), *vh = v + at_keys(s, head);
+    const float* lh = lse + at_lse(s, head);
+    float *dqh = dq + at_queries(s, head), *dkh = dk + at_keys(s, head), *dvh = dv + at_keys(s, head);
+    for (int64_t t0 = 0; t0 < s.t; t0 += s.block) {
+      const int64_t n = std::min(s.block, s.t - t0), e = t0 + n, m = s.g * n;
+      stack(qs.data(), qh, s, t0, n);
+      for (int64_t r = 0; r < m; r++) {
+        const int64_t h = r / n, t = t0 + r % n;
+        const int64_t at = at_token(s, b, t, kv, h);
+        std::memcpy(dos.data() + r * s.d, d_out + at, s.d * sizeof(float));
+        delta[r] = dot(d_out + at, out + at, s.d);
       }
+      cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, e, s.d, 1.0f, qs.data(), s.d, kh, s.d, 0.0f, p.data(), e);
+      cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, e, s.d, 1.0f, dos.data(), s.d, vh, s.d, 0.0f, ds.data(), e);
+      for (int64_t r = 0; r < m; r++) {
+        const int64_t h = r / n, t = t0 + r % n, visible = t + 1;
+        float* pr = p.data() + r * e;
+        float* dr = ds.data() + r * e;
+        exp_shifted(pr, visible, lh[h * s.t + t]);
+        const float dl = delta[r];
+        for (int64_t j = 0; j < visible; j++) dr[j] = pr[j] * (dr[j] - dl);
+        std::fill(pr + visible, pr + e, 0.0f);
+        std::fill(dr + visible, dr + e, 0.0f);
+      }
+      cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m, s.d, e, 1.0f, ds.data(), e, kh, s.d, 0.0f, dqs.data(), s.d);
+      unstack(dqh, dqs.data(), s, t0, n);
+      cblas_sgemm(kRowMajor, kTrans, kNoTrans, e, s.d, m, 1.0f, ds.data(), e, qs.data(), s.d, 1.0f, dkh, s.d);
+      cblas_sgemm(kRowMajor, kTrans, kNoTrans, e, s.d, m, 1.0f, p.data(), e, dos.data(), s.d, 1.0f, dvh, s.d);
     }
+  }
 }
 
-void allocate(std::vector<mx::array>& outputs) {
-  for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
-}
+// A kernel's arrays: its inputs' data, then its outputs', in order.
+using Pointers = std::vector<float*>;
+using Kernel = void (*)(const Pointers&, const Dims&);
 
-class AttentionForward : public mx::Primitive {
+// The forward and the backward primitive: a kernel run on the CPU stream's thread over freshly allocated
+// outputs, with the query block as the only parameter; no GPU version.
+class BlockedAttention : public mx::Primitive {
  public:
-  AttentionForward(mx::Stream stream, int block) : mx::Primitive(stream), block_(block) {}
+  BlockedAttention(mx::Stream stream, int block, Kernel kernel, const char* name)
+      : mx::Primitive(stream), block_(block), kernel_(kernel), name_(name) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    allocate(outputs);
+    Pointers data;
+    for (const auto& a : inputs) data.push_back(const_cast<float*>(a.data<float>()));
+    for (auto& o : outputs) {
+      o.set_data(mx::allocator::malloc(o.nbytes()));
+      data.push_back(o.data<float>());
+    }
     auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) encoder.set_input_array(a);
-    for (auto& a : outputs) encoder.set_output_array(a);
-    encoder.dispatch([q = inputs[0].data<float>(), k = inputs[1].data<float>(), v = inputs[2].data<float>(),
-                      out = outputs[0].data<float>(), lse = outputs[1].data<float>(),
-                      s = dims_of(inputs[0], block_)]() { forward_kernel(q, k, v, out, lse, s); });
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    for (auto& o : outputs) encoder.set_output_array(o);
+    encoder.dispatch([data = std::move(data), s = dims_of(inputs[0], block_), kernel = kernel_]() { kernel(data, s); });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
     throw std::runtime_error("poet-mlx's attention kernel runs on the CPU only");
   }
-  const char* name() const override { return "PoetAttentionForward"; }
+  const char* name() const override { return name_; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return block_ == static_cast<const AttentionForward&>(other).block_;
+    const auto* same = dynamic_cast<const BlockedAttention*>(&other);
+    return same != nullptr && same->kernel_ == kernel_ && same->block_ == block_;
   }
 
  private:
   int block_;
+  Kernel kernel_;
+  const char* name_;
 };
 
-class AttentionBackward : public mx::Primitive {
- public:
-  AttentionBackward(mx::Stream stream, int block) : mx::Primitive(stream), block_(block) {}
+void run_forward(const Pointers& p, const Dims& s) { forward_kernel(p[0], p[1], p[2], p[3], p[4], s); }
 
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    allocate(outputs);
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) encoder.set_input_array(a);
-    for (auto& a : outputs) encoder.set_output_array(a);
-    encoder.dispatch([q = inputs[0].data<float>(), k = inputs[1].data<float>(), v = inputs[2].data<float>(),
-                      d_out = inputs[3].data<float>(), out = inputs[4].data<float>(),
-                      lse = inputs[5].data<float>(), dq = outputs[0].data<float>(),
-                      dk = outputs[1].data<float>(), dv = outputs[2].data<float>(),
-                      s = dims_of(inputs[0], block_)]() {
-      backward_kernel(q, k, v, d_out, out, lse, dq, dk, dv, s);
-    });
-  }
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("poet-mlx's attention kernel runs on the CPU only");
-  }
-  const char* name() const override { return "PoetAttentionBackward"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return block_ == static_cast<const AttentionBackward&>(other).block_;
-  }
-
- private:
-  int block_;
-};
+void run_backward(const Pointers& p, const Dims& s) {
+  backward_kernel(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], s);
+}
 
 // Row-contiguous float32 copies where needed (a no-op for arrays already so).
 std::vector<mx::array> prepared(const std::vector<mx::array>& arrays, const mx::Stream& stream) {
@@ -288,9 +272,9 @@ std::vector<mx::array> forward(const mx::array& q, const mx::array& k, const mx:
   auto stream = mx::to_stream({});
   auto in = prepared({q, k, v}, stream);
   const auto& qs = q.shape();
+  auto primitive = std::make_shared<BlockedAttention>(stream, block, run_forward, "PoetAttentionForward");
   return mx::array::make_arrays({{qs[0], qs[3], qs[1], qs[2], qs[4]}, {qs[0], qs[1], qs[2], qs[3]}},
-                                {mx::float32, mx::float32}, std::make_shared<AttentionForward>(stream, block),
-                                in);
+                                {mx::float32, mx::float32}, primitive, in);
 }
 
 std::vector<mx::array> backward(const mx::array& q, const mx::array& k, const mx::array& v,
@@ -302,8 +286,9 @@ std::vector<mx::array> backward(const mx::array& q, const mx::array& k, const mx
     throw std::invalid_argument("poet-mlx attention kernel: d_out, out (B, T, KV, g, D), lse (B, KV, g, T)");
   auto stream = mx::to_stream({});
   auto in = prepared({q, k, v, d_out, out, lse}, stream);
+  auto primitive = std::make_shared<BlockedAttention>(stream, block, run_backward, "PoetAttentionBackward");
   return mx::array::make_arrays({q.shape(), k.shape(), v.shape()}, {mx::float32, mx::float32, mx::float32},
-                                std::make_shared<AttentionBackward>(stream, block), in);
+                                primitive, in);
 }
 
 }  // namespace

@@ -31,27 +31,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import switched_off
+from . import Status, switched_off
 
 ENV_SWITCH = "POET_MLX_JIT"
 FLAGS = ("-march=native", "-fno-math-errno", "-fno-trapping-math", "--param", "max-inline-insns-single=2000",
          "--param", "max-inline-insns-auto=2000", "--param", "early-inlining-insns=500")
 
 
-@dataclass
-class JitStatus:
-    """What `enable_fast_jit` did: `active` when MLX's fused kernels are built with FLAGS in `folder`."""
-
-    active: bool = False
-    reason: str = "not attempted"
-    folder: Optional[str] = None
-
-
-STATUS = JitStatus()
+STATUS = Status()
+"""What `enable_fast_jit` did: `active` when MLX's fused kernels are built with FLAGS in the folder `where`."""
 INHERITED = "POET_MLX_JIT_FOLDER"
 """Set by `enable_fast_jit` for child processes: the kernel folder in use."""
 _BEFORE: dict = {}
@@ -74,25 +65,25 @@ def _cpu_key(compiler: str) -> str:
     return h.hexdigest()[:16]
 
 
-def enable_fast_jit() -> JitStatus:
+def enable_fast_jit() -> Status:
     """Make MLX build its fused CPU kernels with FLAGS (Linux). Never raises; STATUS says what happened."""
     global STATUS
     if STATUS.active:
         return STATUS
     if not sys.platform.startswith("linux"):
-        STATUS = JitStatus(False, "not Linux")
+        STATUS = Status(False, "not Linux")
         return STATUS
     if switched_off(ENV_SWITCH, "default"):
-        STATUS = JitStatus(False, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
+        STATUS = Status(False, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
         return STATUS
     inherited = _inherited()
     if inherited is not None:
-        STATUS = JitStatus(True, "MLX's fused CPU kernels built for this CPU (the parent process's folder)",
+        STATUS = Status(True, "MLX's fused CPU kernels built for this CPU (the parent process's folder)",
                            str(inherited))
         return STATUS
     compiler = shutil.which("g++")
     if compiler is None:
-        STATUS = JitStatus(False, "no g++ on PATH: MLX runs its compiled graphs without fused kernels")
+        STATUS = Status(False, "no g++ on PATH: MLX runs its compiled graphs without fused kernels")
         return STATUS
     try:
         base = Path(tempfile.gettempdir())  # also fixes Python's own temp folder before TMPDIR changes
@@ -106,13 +97,13 @@ def enable_fast_jit() -> JitStatus:
             os.replace(tmp, wrapper)  # atomic: concurrent processes may race to write it
         (folder / "tmp").mkdir(exist_ok=True)
     except OSError as exc:
-        STATUS = JitStatus(False, f"could not prepare the kernel folder ({exc})")
+        STATUS = Status(False, f"could not prepare the kernel folder ({exc})")
         return STATUS
     _BEFORE.update({name: os.environ.get(name) for name in ("PATH", "TMPDIR")})
     os.environ["PATH"] = f"{wrapper.parent}{os.pathsep}{os.environ.get('PATH', '')}"
     os.environ["TMPDIR"] = str(folder / "tmp")
     os.environ[INHERITED] = str(folder)
-    STATUS = JitStatus(True, "MLX's fused CPU kernels built for this CPU", str(folder))
+    STATUS = Status(True, "MLX's fused CPU kernels built for this CPU", str(folder))
     return STATUS
 
 

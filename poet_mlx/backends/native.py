@@ -26,30 +26,21 @@ import os
 import shutil
 import subprocess
 import sysconfig
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
 from ..fsutil import cache_root
-from . import on_linux_cpu, switched_off
+from . import Status, on_linux_cpu, switched_off
 
 ENV_SWITCH = "POET_MLX_KERNELS"
 MODULE = "_poet_attention"
 SOURCE = Path(__file__).with_name("attention_kernel.cpp")
 
 
-@dataclass
-class NativeStatus:
-    """What `attention_kernel()` found: `active` when poet-mlx's attention primitives are loaded."""
-
-    active: bool = False
-    reason: str = "not attempted"
-    library: Optional[str] = None
-
-
-STATUS = NativeStatus()
+STATUS = Status()
+"""What `attention_kernel()` found: `active` when poet-mlx's attention primitives are loaded from `where`."""
 _MODULE: Optional[ModuleType] = None
 _DECIDED = False
 """Set once `attention_kernel` has loaded the kernel or given up: it is not retried at every layer."""
@@ -64,19 +55,19 @@ def attention_kernel() -> Optional[ModuleType]:
         return _MODULE
     _DECIDED = True
     if switched_off(ENV_SWITCH, "python"):
-        STATUS = NativeStatus(False, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
+        STATUS = Status(False, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
     elif not on_linux_cpu():
-        STATUS = NativeStatus(False, "not Linux with MLX on the CPU")
+        STATUS = Status(False, "not Linux with MLX on the CPU")
     else:
         try:
             path = _build()
             module = _load(path)
             _probe(module)
         except (OSError, RuntimeError, ImportError, TypeError, ValueError, subprocess.SubprocessError) as exc:
-            STATUS = NativeStatus(False, f"kernel not used ({str(exc)[:300]}); attention runs on MLX ops")
+            STATUS = Status(False, f"kernel not used ({str(exc)[:300]}); attention runs on MLX ops")
         else:
             _MODULE = module
-            STATUS = NativeStatus(True, "poet-mlx's attention kernel for MLX's CPU backend", str(path))
+            STATUS = Status(True, "poet-mlx's attention kernel for MLX's CPU backend", str(path))
     return _MODULE
 
 
