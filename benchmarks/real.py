@@ -454,7 +454,7 @@ def warm_up(work: Path, plan: RealPlan, m: dict, sections: tuple) -> tuple[dict,
     the graph, not the batch; the length sets the attention's block count, hence the sections' lengths."""
     from poet_mlx.backends import jit
 
-    folder = jit.enable_fast_jit().folder  # here, so that the children adopt it and the count covers them
+    folder = jit.enable_fast_jit().where  # here, so that the children adopt it and the count covers them
     before, tic, runs = _kernel_count(folder), time.perf_counter(), []
     ckpts = (False, True) if plan.checkpoint_rows else (False,)
 
