@@ -80,7 +80,7 @@ def run_case(spec: dict) -> dict:
     from poet_mlx.config import RunConfig, validate
     from poet_mlx.train.run import run_training
 
-    native.attention_kernel()  # built (or found) in the usual cache, not in the fresh one inside the timed run
+    native.kernels()  # built (or found) in the usual cache, not in the fresh one inside the timed run
     os.environ["POET_MLX_CACHE"] = spec["cache"]
     cfg = RunConfig.from_flat(spec["config"], source="benchmark")
     validate(cfg)
@@ -93,7 +93,7 @@ def run_case(spec: dict) -> dict:
     out = {
         "config": spec["config"],
         "blas": blas.STATUS.active,
-        "attention_kernel": native.STATUS.active,
+        "kernels": native.STATUS.active,
         "wall_s": wall,
         "load_s": rep.phases.get("loading model"),
         "reference_s": ref,

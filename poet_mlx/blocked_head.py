@@ -31,6 +31,10 @@ from .backends import spans
 
 HEAD_ROWS = 512
 """Rows of hidden states per pass over the vocabulary (256-1,024 measured alike on SmolLM2, 2 cores)."""
+KERNEL_WORDS = 512
+"""Vocabulary rows per block in the C++ kernel: a block's scores (HEAD_ROWS x 512 floats, 1 MB) stay in cache.
+SmolLM2's head over 2,048 rows, one thread, with the gradient: 1.46 s at 256 words, 1.39 at 512, 1.45 at 1,024
+(this module's MLX ops, compiled: 1.65 s); without: 0.75, 0.75, 0.72 s (MLX ops 0.83)."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,10 @@ def head_stats(head: LinearHead, hidden: mx.array, targets: mx.array, chunk_elem
         empty = mx.zeros((0,), mx.float32)
         return {"logps": empty, **({"grad": mx.zeros(hidden.shape, mx.float32)} if grad else {}),
                 **({"entropy": empty} if entropy else {})}
+    kernel = None if entropy else _kernel_for(head, hidden)
+    if kernel is not None:
+        out = kernel.head(hidden, head.weight, targets, grad, HEAD_ROWS, KERNEL_WORDS)
+        return {"logps": out[0], **({"grad": out[1]} if grad else {})}
     rows = min(HEAD_ROWS, hidden.shape[0])
     parts: list[dict] = []
     for s, e in spans(hidden.shape[0], rows):
@@ -138,6 +146,18 @@ def head_stats(head: LinearHead, hidden: mx.array, targets: mx.array, chunk_elem
     if len(parts) == 1:
         return parts[0]
     return {k: mx.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _kernel_for(head: LinearHead, hidden: mx.array):
+    """poet-mlx's C++ head kernel (`backends.native`) for a float32 head without bias on float32 rows, where it
+    is loaded; else None."""
+    if head.expand is not None or head.bias is not None or hidden.dtype != mx.float32:
+        return None
+    if head.weight.dtype != mx.float32:
+        return None
+    from .backends.native import kernels
+
+    return kernels()
 
 
 def _row_chunk(head: LinearHead, h, y, block: int, grad: bool, entropy: bool) -> dict:

@@ -55,14 +55,20 @@ def _reference(head, hidden, targets):
     return mx.take_along_axis(logp, targets[:, None], axis=-1)[:, 0], grad, -(mx.exp(logp) * logp).sum(-1), w
 
 
+@pytest.mark.parametrize("path", ["kernel", "mlx-ops"])
 @pytest.mark.parametrize("fast", [False, True], ids=["mlx-dequantize", "fast-quant"])
 @pytest.mark.parametrize("name", list(_heads()))
-def test_blocked_numbers_equal_the_full_logits(name, fast, monkeypatch):
+def test_blocked_numbers_equal_the_full_logits(name, fast, path, monkeypatch):
     """Several row chunks (5 rows, the last short) and vocabulary blocks (40 words, the last short): the
     same log-probs, entropies and (through `head_token_logps`' VJP, compiled too) hidden-state gradients as
-    the plain log-softmax of head(h); 4-bit heads with MLX's expansion and with `fast_quant`'s."""
+    the plain log-softmax of head(h); 4-bit heads with MLX's expansion and with `fast_quant`'s; the float head
+    without bias through the C++ kernel where it loads (`backends.native`, 7 vocabulary blocks) and through
+    MLX ops."""
     if fast and "4-bit" not in name:
         pytest.skip("fast_quant changes quantized heads only")
+    if path == "mlx-ops":
+        monkeypatch.setattr(blocked_head, "_kernel_for", lambda head, hidden: None)
+    monkeypatch.setattr(blocked_head, "KERNEL_WORDS", 43)
     head = _heads()[name]
     if fast:
         monkeypatch.setattr(fast_quant, "wanted", lambda: True)

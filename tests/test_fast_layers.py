@@ -22,7 +22,7 @@ def _qkv(b, h, kv, t, d, seed=0):
 def test_causal_attention_equals_mlx_sdpa_values_and_gradients(h, kv, t, block, path, monkeypatch):
     """Through the C++ kernel where it loads (`native`; `block` is then its own) and through the MLX ops."""
     if path == "mlx-ops":
-        monkeypatch.setattr(fast_layers, "attention_kernel", lambda: None)
+        monkeypatch.setattr(fast_layers, "kernels", lambda: None)
     q, k, v = _qkv(2, h, kv, t, 8)
     scale = 8 ** -0.5
     ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")

@@ -1,6 +1,8 @@
-"""poet-mlx's C++ attention kernel (`backends.native`, `attention_kernel.cpp`): built and loaded on Linux, the
-same numbers as the MLX-op attention of `fast_layers` and as plain softmax attention with autodiff, used by
-`causal_attention` and `lean_lora` for float32 only, and a failed build leaves attention on MLX ops."""
+"""poet-mlx's C++ kernels (`backends.native`, `kernels.cpp`): built and loaded on Linux; the attention gives the
+same numbers as the MLX-op attention of `fast_layers` and as plain softmax attention with autodiff, and is
+used by `causal_attention` and `lean_lora` for float32 only; the head gives float64 log-softmax's log-probs
+and gradients, and is used by `blocked_head` for float32 heads without bias; a failed build leaves both on
+MLX ops."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ linux_cpu = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the
 
 @pytest.fixture(scope="module")
 def kernel():
-    module = native.attention_kernel()
+    module = native.kernels()
     if module is None and sys.platform.startswith("linux"):
         pytest.fail(f"the attention kernel did not load on Linux: {native.STATUS.reason}")
     if module is None:
@@ -144,18 +146,18 @@ def test_causal_attention_uses_the_kernel_for_float32_only(kernel, monkeypatch):
             calls.append("backward")
             return kernel.backward(*args)
 
-    monkeypatch.setattr(fast_layers, "attention_kernel", lambda: Counting())
+    monkeypatch.setattr(fast_layers, "kernels", lambda: Counting())
     q = mx.random.normal((2, 6, 33, 8), key=mx.random.key(1))
     k, v = (mx.random.normal((2, 2, 33, 8), key=mx.random.key(i)) for i in (2, 3))
     w = mx.random.normal((2, 6, 33, 8), key=mx.random.key(4))
     value, grads = _model_attention_grads(q, k, v, w)
     assert calls == ["forward", "backward"]
-    monkeypatch.setattr(fast_layers, "attention_kernel", lambda: None)
+    monkeypatch.setattr(fast_layers, "kernels", lambda: None)
     ops_value, ops_grads = _model_attention_grads(q, k, v, w)
     assert abs(value.item() - ops_value.item()) < 1e-4 * max(1.0, abs(ops_value.item()))
     for a, b in zip(grads, ops_grads):
         assert mx.abs(a - b).max().item() < 1e-5 * max(1.0, mx.abs(b).max().item())
-    monkeypatch.setattr(fast_layers, "attention_kernel", lambda: Counting())
+    monkeypatch.setattr(fast_layers, "kernels", lambda: Counting())
     calls.clear()
     half = fast_layers.causal_attention(q.astype(mx.float16), k.astype(mx.float16), v.astype(mx.float16), 0.3)
     assert calls == [] and half.dtype == mx.float16
@@ -174,31 +176,40 @@ def test_a_failed_build_leaves_attention_on_mlx_ops(fresh_status, monkeypatch):
         raise RuntimeError("compiling the attention kernel failed: no such compiler")
 
     monkeypatch.setattr(native, "_build", broken)
-    assert native.attention_kernel() is None
+    assert native.kernels() is None
     assert not native.STATUS.active and "no such compiler" in native.STATUS.reason
-    assert native.attention_kernel() is None  # decided once, not retried on every layer
+    assert native.kernels() is None  # decided once, not retried on every layer
 
 
 def test_switched_off(fresh_status, monkeypatch):
     monkeypatch.setenv(native.ENV_SWITCH, "python")
-    assert native.attention_kernel() is None
+    assert native.kernels() is None
     assert "disabled by POET_MLX_KERNELS=python" in native.STATUS.reason
 
 
 @linux_cpu
 def test_a_kernel_that_disagrees_is_not_used(kernel, fresh_status, monkeypatch):
-    """The probe after loading compares with the MLX-op attention: a wrong kernel (here, one whose output
-    is off by 1%) is refused."""
+    """The probe after loading compares with MLX ops: a wrong kernel (here, an attention output or a head
+    gradient off by 1%) is refused."""
 
     class Wrong:
         def forward(self, *args):
             out, lse = kernel.forward(*args)
             return [out * 1.01, lse]
 
-        backward = staticmethod(kernel.backward)
+        backward, head = staticmethod(kernel.backward), staticmethod(kernel.head)
 
-    monkeypatch.setattr(native, "_load", lambda path: Wrong())
-    assert native.attention_kernel() is None and "disagrees" in native.STATUS.reason
+    class WrongHead:
+        forward, backward = staticmethod(kernel.forward), staticmethod(kernel.backward)
+
+        def head(self, *args):
+            logps, grad = kernel.head(*args)
+            return [logps, grad * 1.01]
+
+    for wrong in (Wrong(), WrongHead()):
+        monkeypatch.setattr(native, "_DECIDED", False)
+        monkeypatch.setattr(native, "_load", lambda path: wrong)
+        assert native.kernels() is None and "disagrees" in native.STATUS.reason
 
 
 @linux_cpu
@@ -216,6 +227,67 @@ def test_accelerating_a_model_loads_the_kernel_up_front(tiny_model_dir, monkeypa
 
     calls = []
     monkeypatch.setattr(fast_layers, "wanted", lambda: True)
-    monkeypatch.setattr(fast_layers, "attention_kernel", lambda: calls.append(1))
+    monkeypatch.setattr(fast_layers, "kernels", lambda: calls.append(1))
     model, _ = load(str(tiny_model_dir))
     assert fast_layers.accelerate_layers(model) > 0 and calls
+
+
+def _numpy_head(hidden, weight, targets):
+    """log softmax(h W^T)[y] and its gradient W_y - sum_v p_v W_v, in float64."""
+    h, w = np.array(hidden, dtype=np.float64), np.array(weight, dtype=np.float64)
+    y = np.array(targets)
+    s = h @ w.T
+    top = s.max(1, keepdims=True)
+    p = np.exp(s - top)
+    z = p.sum(1, keepdims=True)
+    logps = s[np.arange(len(y)), y] - (top + np.log(z))[:, 0]
+    return logps, w[y] - (p / z) @ w
+
+
+@linux_cpu
+@pytest.mark.parametrize("m, d, v, rows, words", [(37, 16, 300, 5, 43), (8, 64, 1000, 512, 512), (1, 8, 3, 4, 1),
+                                                   (20, 8, 64, 20, 64)])
+def test_head_equals_float64_log_softmax(kernel, m, d, v, rows, words):
+    """Row chunks and vocabulary blocks with short last ones, one word per block, one block in all; targets at the
+    first and the last word; logits up to ~+-60 (a row's maximum moves across blocks)."""
+    k = mx.random.split(mx.random.key(1), 3)
+    hidden, weight = mx.random.normal((m, d), key=k[0]) * 2, mx.random.normal((v, d), key=k[1])
+    targets = mx.random.randint(0, v, (m,), key=k[2])
+    targets = mx.concatenate([mx.array([0, v - 1])[: min(m, 2)], targets[2:]])
+    want_logps, want_grad = _numpy_head(hidden, weight, targets)
+    logps, grad = kernel.head(hidden, weight, targets, True, rows, words)
+    np.testing.assert_allclose(np.array(logps), want_logps, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.array(grad), want_grad, rtol=2e-5, atol=2e-5)
+    (alone,) = kernel.head(hidden, weight, targets, False, rows, words)
+    assert mx.array_equal(alone, logps).item()
+
+
+@linux_cpu
+def test_head_bad_shapes_are_refused(kernel):
+    with pytest.raises(ValueError, match="want hidden"):
+        kernel.head(mx.zeros((3, 4)), mx.zeros((5, 6)), mx.zeros((3,), mx.int32), False, 2, 2)
+
+
+@linux_cpu
+def test_head_stats_uses_the_kernel_for_float32_heads_without_bias_only(kernel, monkeypatch):
+    from poet_mlx import blocked_head
+    from poet_mlx.blocked_head import LinearHead, head_stats
+
+    calls = []
+    monkeypatch.setattr(native, "kernels", lambda: calls.append(1) or kernel)
+    k = mx.random.split(mx.random.key(2), 3)
+    hidden, weight = mx.random.normal((9, 8), key=k[0]), mx.random.normal((50, 8), key=k[1])
+    targets = mx.random.randint(0, 50, (9,), key=k[2])
+    ours = head_stats(LinearHead(weight), hidden, targets, 64, grad=True)
+    assert len(calls) == 1
+    monkeypatch.setattr(blocked_head, "_kernel_for", lambda head, hidden: None)
+    ops = head_stats(LinearHead(weight), hidden, targets, 64, grad=True)
+    for key in ("logps", "grad"):
+        assert mx.abs(ours[key] - ops[key]).max().item() < 1e-5
+    monkeypatch.undo()
+    monkeypatch.setattr(native, "kernels", lambda: calls.append(1) or kernel)
+    calls.clear()
+    head_stats(LinearHead(weight, bias=mx.zeros((50,))), hidden, targets, 64)
+    head_stats(LinearHead(weight), hidden, targets, 64, entropy=True)
+    head_stats(LinearHead(weight.astype(mx.float16)), hidden.astype(mx.float16), targets, 64)
+    assert calls == []

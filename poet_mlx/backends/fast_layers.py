@@ -39,9 +39,9 @@ heads, one thread, both compiled: forward 63 -> 27 ms, backward 120 -> 51 ms a l
 `accelerate_layers(model)` gives each attention or MLP module whose class calls mlx-lm's
 `scaled_dot_product_attention` or `swiglu` a subclass that calls these instead (the class's own `__call__`
 code, with those two names rebound), so any architecture built on them (llama, qwen2/3, mistral, ...) is
-covered, and everything else is left as it is; it also builds and loads the C++ attention kernel then. Generating one token per row with a (float) KV cache goes
-through `decode_attention`; other calls with a cache (a prompt's prefill), an explicit mask or attention
-sinks go to mlx-lm's function unchanged. Off switch: `POET_MLX_LAYERS=native`; nothing changes on
+covered, and everything else is left as it is; it also builds and loads the C++ attention kernel then.
+Generating one token per row with a (float) KV cache goes through `decode_attention`; other calls with a
+cache (a prompt's prefill), an explicit mask or attention sinks go to mlx-lm's function unchanged. Off switch: `POET_MLX_LAYERS=native`; nothing changes on
 macOS or on a GPU.
 """
 
@@ -51,7 +51,7 @@ import types
 from functools import lru_cache
 
 from . import on_linux_cpu, spans, switched_off
-from .native import attention_kernel
+from .native import kernels
 
 ENV_SWITCH = "POET_MLX_LAYERS"
 BLOCK = 128
@@ -106,7 +106,7 @@ def _kernel_for(*arrays):
 
     if any(x.dtype != mx.float32 for x in arrays):
         return None
-    return attention_kernel()
+    return kernels()
 
 
 def attend(q, keys, values, block: int = BLOCK):
@@ -410,5 +410,5 @@ def accelerate_layers(model) -> int:
             module.__class__ = _fast_class(cls, names)
             changed += 1
             if "scaled_dot_product_attention" in names:
-                attention_kernel()  # built (once per machine) and probed now, not inside a traced step
+                kernels()  # built (once per machine) and probed now, not inside a traced step
     return changed

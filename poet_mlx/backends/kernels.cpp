@@ -1,9 +1,10 @@
-// poet-mlx: causal attention as two MLX primitives for the CPU backend (Linux), built by
-// poet_mlx/backends/native.py on first use. The contract (shapes, layouts, what the backward recomputes)
-// is `fast_layers.attend_forward` / `attend_backward`'s; this file computes the same numbers with each
-// query block's scores kept in the core's cache from their GEMM to their softmax to the next GEMM, where
-// MLX's CPU kernels make one pass through memory per elementwise op.
+// poet-mlx: its own kernels for MLX's CPU backend (Linux), as MLX primitives, built by
+// poet_mlx/backends/native.py on first use. Each computes what an MLX-op version in poet_mlx computes, with
+// the blocks of scores kept in the core's cache from their GEMM to their exps to the next GEMM, where MLX's
+// CPU kernels make one pass through memory per elementwise op.
 //
+// Causal attention; the contract (shapes, layouts, what the backward recomputes) is
+// `fast_layers.attend_forward` / `attend_backward`'s:
 // forward(q, k, v, block) -> [out, lse]
 //   q (B, KV, g, T, D) float32, pre-scaled; k, v (B, KV, T, D) float32.
 //   out (B, T, KV, g, D) (token-major: the layout o_proj reads), lse (B, KV, g, T).
@@ -15,6 +16,16 @@
 //             P = softmax(S) row by row, Os = P V, lse = max + log(sum);
 //   backward: P = exp(Qs K^T - lse) recomputed (FlashAttention), dP = dOs V^T, dS = P (dP - rowsum(dO O)),
 //             dQs = dS K, dK += dS^T Qs, dV += P^T dOs (accumulated in place: beta = 1, no zero pass).
+//
+// The output head's log-probs; the contract is `blocked_head.head_stats`' (a float32 head without bias):
+// head(hidden, weight, targets, grad, rows, words) -> [logps] or [logps, grad]
+//   hidden (M, D), weight (V, D) float32, targets (M,) int32 in [0, V).
+//   logps (M,) = log softmax(hidden weight^T)[target]; grad (M, D) = its gradient w.r.t. hidden,
+//   weight[target] - sum_v p_v weight[v].
+// Per chunk of `rows` rows and block of `words` vocabulary rows: S = H W_blk^T (rows x words, in cache); each
+// row's running maximum m, normalizer z and, with grad, G = sum_v exp(l_v - m) W_v are updated online (the
+// FlashAttention rescale by exp(m_old - m_new), applied to a row only when its maximum rises), G += P W_blk.
+//
 // GEMMs go to `cblas_sgemm`: the process's global symbol, i.e. OpenBLAS once `poet_mlx.backends.blas`
 // routed MLX's matmuls there.
 
@@ -109,9 +120,6 @@ struct Dims {
   int64_t batch, kv, g, t, d, block;
 };
 
-Dims dims_of(const mx::array& q, int block) {
-  return {q.shape(0), q.shape(1), q.shape(2), q.shape(3), q.shape(4), block};
-}
 
 // Row r of the stacked block (head r / n, position t0 + r % n) is row (head, t0 + r % n) of a (g, T, D)
 // array starting at `base`; `stack` copies those rows into dst (M x D), `unstack` back.
@@ -207,48 +215,116 @@ void backward_kernel(const float* q, const float* k, const float* v, const float
   }
 }
 
-// A kernel's arrays: its inputs' data, then its outputs', in order.
-using Pointers = std::vector<float*>;
-using Kernel = void (*)(const Pointers&, const Dims&);
+struct HeadDims {
+  int64_t rows_total, d, vocab, rows, words;
+  bool grad;
+};
 
-// The forward and the backward primitive: a kernel run on the CPU stream's thread over freshly allocated
-// outputs, with the query block as the only parameter; no GPU version.
-class BlockedAttention : public mx::Primitive {
+// Row r of y (rows x d) times factor[r], where that is not 1.
+void scale_rows(float* y, int64_t d, const std::vector<float>& factor) {
+  for (size_t r = 0; r < factor.size(); r++)
+    if (factor[r] != 1.0f)
+      for (int64_t j = 0; j < d; j++) y[r * d + j] *= factor[r];
+}
+
+void head_kernel(const float* h, const float* w, const int32_t* y, float* logps, float* grad, HeadDims s) {
+  std::vector<float> scores(s.rows * s.words), top(s.rows), z(s.rows), picked(s.rows), factor(s.rows);
+  for (int64_t r0 = 0; r0 < s.rows_total; r0 += s.rows) {
+    const int64_t n = std::min(s.rows, s.rows_total - r0);
+    factor.resize(n);
+    std::fill(top.begin(), top.end(), -INFINITY);
+    std::fill(z.begin(), z.end(), 0.0f);
+    float* g = s.grad ? grad + r0 * s.d : nullptr;  // (n, d): G accumulates in the output
+    if (g) std::fill(g, g + n * s.d, 0.0f);
+    for (int64_t v0 = 0; v0 < s.vocab; v0 += s.words) {
+      const int64_t b = std::min(s.words, s.vocab - v0);
+      cblas_sgemm(kRowMajor, kNoTrans, kTrans, n, b, s.d, 1.0f, h + r0 * s.d, s.d, w + v0 * s.d, s.d, 0.0f,
+                  scores.data(), b);
+      for (int64_t r = 0; r < n; r++) {
+        float* row = scores.data() + r * b;
+        const int64_t target = y[r0 + r];
+        if (target >= v0 && target < v0 + b) picked[r] = row[target - v0];
+        const float m = std::max(top[r], row_max(row, b));
+        factor[r] = m > top[r] ? exp_nonpositive(top[r] - m) : 1.0f;  // exp(-inf) -> ~0, times z = 0
+        z[r] = z[r] * factor[r] + exp_shifted(row, b, m);
+        top[r] = m;
+      }
+      if (g) {
+        scale_rows(g, s.d, factor);
+        cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, n, s.d, b, 1.0f, scores.data(), b, w + v0 * s.d, s.d, 1.0f,
+                    g, s.d);
+      }
+    }
+    for (int64_t r = 0; r < n; r++) {
+      logps[r0 + r] = picked[r] - (top[r] + std::log(z[r]));
+      if (g) {
+        const float* wy = w + static_cast<int64_t>(y[r0 + r]) * s.d;
+        const float inv = 1.0f / z[r];
+        for (int64_t j = 0; j < s.d; j++) g[r * s.d + j] = wy[j] - g[r * s.d + j] * inv;
+      }
+    }
+  }
+}
+
+// A kernel's arrays (its inputs' data, then its outputs', in order) and its integer parameters.
+using Pointers = std::vector<void*>;
+using Params = std::vector<int64_t>;
+using Kernel = void (*)(const Pointers&, const Params&);
+
+// A kernel run on the CPU stream's thread over freshly allocated outputs; its parameters (the shapes and block
+// sizes) are fixed when the op is built. No GPU version.
+class CpuKernel : public mx::Primitive {
  public:
-  BlockedAttention(mx::Stream stream, int block, Kernel kernel, const char* name)
-      : mx::Primitive(stream), block_(block), kernel_(kernel), name_(name) {}
+  CpuKernel(mx::Stream stream, Kernel kernel, Params params, const char* name)
+      : mx::Primitive(stream), kernel_(kernel), params_(std::move(params)), name_(name) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     Pointers data;
-    for (const auto& a : inputs) data.push_back(const_cast<float*>(a.data<float>()));
+    for (const auto& a : inputs) data.push_back(const_cast<void*>(static_cast<const void*>(a.data<char>())));
     for (auto& o : outputs) {
       o.set_data(mx::allocator::malloc(o.nbytes()));
-      data.push_back(o.data<float>());
+      data.push_back(o.data<char>());
     }
     auto& encoder = mx::cpu::get_command_encoder(stream());
     for (const auto& a : inputs) encoder.set_input_array(a);
     for (auto& o : outputs) encoder.set_output_array(o);
-    encoder.dispatch([data = std::move(data), s = dims_of(inputs[0], block_), kernel = kernel_]() { kernel(data, s); });
+    encoder.dispatch([data = std::move(data), params = params_, kernel = kernel_]() { kernel(data, params); });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("poet-mlx's attention kernel runs on the CPU only");
+    throw std::runtime_error("poet-mlx's kernels run on the CPU only");
   }
   const char* name() const override { return name_; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    const auto* same = dynamic_cast<const BlockedAttention*>(&other);
-    return same != nullptr && same->kernel_ == kernel_ && same->block_ == block_;
+    const auto* same = dynamic_cast<const CpuKernel*>(&other);
+    return same != nullptr && same->kernel_ == kernel_ && same->params_ == params_;
   }
 
  private:
-  int block_;
   Kernel kernel_;
+  Params params_;
   const char* name_;
 };
 
-void run_forward(const Pointers& p, const Dims& s) { forward_kernel(p[0], p[1], p[2], p[3], p[4], s); }
+const float* input(const Pointers& p, int i) { return static_cast<const float*>(p[i]); }
+float* output(const Pointers& p, int i) { return static_cast<float*>(p[i]); }
 
-void run_backward(const Pointers& p, const Dims& s) {
-  backward_kernel(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], s);
+Dims dims_of(const Params& p) { return {p[0], p[1], p[2], p[3], p[4], p[5]}; }
+
+void run_forward(const Pointers& p, const Params& params) {
+  forward_kernel(input(p, 0), input(p, 1), input(p, 2), output(p, 3), output(p, 4), dims_of(params));
+}
+
+void run_backward(const Pointers& p, const Params& params) {
+  backward_kernel(input(p, 0), input(p, 1), input(p, 2), input(p, 3), input(p, 4), input(p, 5), output(p, 6),
+                  output(p, 7), output(p, 8), dims_of(params));
+}
+
+HeadDims head_dims_of(const Params& p) { return {p[0], p[1], p[2], p[3], p[4], p[5] != 0}; }
+
+void run_head(const Pointers& p, const Params& params) {
+  const HeadDims s = head_dims_of(params);
+  const auto* targets = static_cast<const int32_t*>(p[2]);
+  head_kernel(input(p, 0), input(p, 1), targets, output(p, 3), s.grad ? output(p, 4) : nullptr, s);
 }
 
 // Row-contiguous float32 copies where needed (a no-op for arrays already so).
@@ -259,6 +335,10 @@ std::vector<mx::array> prepared(const std::vector<mx::array>& arrays, const mx::
     out.push_back(mx::contiguous(a, false, stream));
   }
   return out;
+}
+
+Params params_of(const mx::array& q, int block) {
+  return {q.shape(0), q.shape(1), q.shape(2), q.shape(3), q.shape(4), block};
 }
 
 void check(const mx::array& q, const mx::array& k, const mx::array& v, int block) {
@@ -272,7 +352,7 @@ std::vector<mx::array> forward(const mx::array& q, const mx::array& k, const mx:
   auto stream = mx::to_stream({});
   auto in = prepared({q, k, v}, stream);
   const auto& qs = q.shape();
-  auto primitive = std::make_shared<BlockedAttention>(stream, block, run_forward, "PoetAttentionForward");
+  auto primitive = std::make_shared<CpuKernel>(stream, run_forward, params_of(q, block), "PoetAttentionForward");
   return mx::array::make_arrays({{qs[0], qs[3], qs[1], qs[2], qs[4]}, {qs[0], qs[1], qs[2], qs[3]}},
                                 {mx::float32, mx::float32}, primitive, in);
 }
@@ -286,14 +366,31 @@ std::vector<mx::array> backward(const mx::array& q, const mx::array& k, const mx
     throw std::invalid_argument("poet-mlx attention kernel: d_out, out (B, T, KV, g, D), lse (B, KV, g, T)");
   auto stream = mx::to_stream({});
   auto in = prepared({q, k, v, d_out, out, lse}, stream);
-  auto primitive = std::make_shared<BlockedAttention>(stream, block, run_backward, "PoetAttentionBackward");
+  auto primitive = std::make_shared<CpuKernel>(stream, run_backward, params_of(q, block), "PoetAttentionBackward");
   return mx::array::make_arrays({q.shape(), k.shape(), v.shape()}, {mx::float32, mx::float32, mx::float32},
                                 primitive, in);
 }
 
+std::vector<mx::array> head(const mx::array& hidden, const mx::array& weight, const mx::array& targets, bool grad,
+                            int rows, int words) {
+  if (hidden.ndim() != 2 || weight.ndim() != 2 || hidden.shape(1) != weight.shape(1) || targets.ndim() != 1 ||
+      targets.shape(0) != hidden.shape(0) || rows < 1 || words < 1)
+    throw std::invalid_argument("poet-mlx head kernel: want hidden (M, D), weight (V, D), targets (M,)");
+  auto stream = mx::to_stream({});
+  auto in = prepared({hidden, weight}, stream);
+  in.push_back(mx::contiguous(mx::astype(targets, mx::int32, stream), false, stream));
+  const int64_t m = hidden.shape(0), d = hidden.shape(1);
+  Params params{m, d, weight.shape(0), rows, words, grad ? 1 : 0};
+  auto primitive = std::make_shared<CpuKernel>(stream, run_head, params, "PoetHeadLogps");
+  if (!grad) return mx::array::make_arrays({{m}}, {mx::float32}, primitive, in);
+  return mx::array::make_arrays({{m}, {m, d}}, {mx::float32, mx::float32}, primitive, in);
+}
+
 }  // namespace
 
-NB_MODULE(_poet_attention, m) {
+NB_MODULE(_poet_kernels, m) {
+  m.def("head", &head, nb::arg("hidden"), nb::arg("weight"), nb::arg("targets"), nb::arg("grad"), nb::arg("rows"),
+        nb::arg("words"));
   m.def("forward", &forward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("block"));
   m.def("backward", &backward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("d_out"), nb::arg("out"),
         nb::arg("lse"), nb::arg("block"));
