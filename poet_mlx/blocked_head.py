@@ -151,9 +151,8 @@ def head_stats(head: LinearHead, hidden: mx.array, targets: mx.array, chunk_elem
 def _kernel_for(head: LinearHead, hidden: mx.array):
     """poet-mlx's C++ head kernel (`backends.native`) for a float32 head without bias on float32 rows, where it
     is loaded; else None."""
-    if head.expand is not None or head.bias is not None or hidden.dtype != mx.float32:
-        return None
-    if head.weight.dtype != mx.float32:
+    float32 = hidden.dtype == mx.float32 and head.weight.dtype == mx.float32
+    if head.expand is not None or head.bias is not None or not float32:
         return None
     from .backends.native import kernels
 

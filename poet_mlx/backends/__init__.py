@@ -1,6 +1,6 @@
 """Fast paths for MLX's CPU backend on Linux: OpenBLAS for matmuls (`blas`), fused kernels built for this CPU
-(`jit`), freed memory kept for reuse (`alloc`), attention and SwiGLU written for the CPU (`fast_layers`), with
-the attention as poet-mlx's own C++ primitives built on first use (`native`),
+(`jit`), freed memory kept for reuse (`alloc`), attention and SwiGLU written for the CPU (`fast_layers`), the
+attention and the output head's log-probs as poet-mlx's own C++ primitives built on first use (`native`),
 LoRA-adapted blocks whose backward recomputes what is cheap (`lean_lora`), a batch's two row groups on two
 CPU streams at once (`parallel_rows`), dequantize-then-GEMM for 4-bit layers (`fast_quant`), MLX's run-ahead
 bounded on request (`runahead`)."""

@@ -39,10 +39,10 @@ heads, one thread, both compiled: forward 63 -> 27 ms, backward 120 -> 51 ms a l
 `accelerate_layers(model)` gives each attention or MLP module whose class calls mlx-lm's
 `scaled_dot_product_attention` or `swiglu` a subclass that calls these instead (the class's own `__call__`
 code, with those two names rebound), so any architecture built on them (llama, qwen2/3, mistral, ...) is
-covered, and everything else is left as it is; it also builds and loads the C++ attention kernel then.
-Generating one token per row with a (float) KV cache goes through `decode_attention`; other calls with a
-cache (a prompt's prefill), an explicit mask or attention sinks go to mlx-lm's function unchanged. Off switch: `POET_MLX_LAYERS=native`; nothing changes on
-macOS or on a GPU.
+covered, and everything else is left as it is; it also builds and loads the C++ kernels then. Generating
+one token per row with a (float) KV cache goes through `decode_attention`; other calls with a cache (a
+prompt's prefill), an explicit mask or attention sinks go to mlx-lm's function unchanged. Off switch:
+`POET_MLX_LAYERS=native`; nothing changes on macOS or on a GPU.
 """
 
 from __future__ import annotations

@@ -51,12 +51,12 @@ _DECIDED = False
 
 def kernels() -> Optional[ModuleType]:
     """The loaded kernel module (`forward(q, k, v, block)`, `backward(q, k, v, d_out, out, lse, block)`,
-    `head(hidden, weight, targets, grad, rows, words)`, see `kernels.cpp`), built on first call; None where it is switched off, not wanted or failed (STATUS
-    says why). Never raises."""
+    `head(hidden, weight, targets, grad, rows, words)`, see `kernels.cpp`), built on first call; None where it
+    is switched off, not wanted or failed (STATUS says why). Never raises."""
     global STATUS, _MODULE, _DECIDED
     if _DECIDED:
         return _MODULE
-    _DECIDED = True
+    _DECIDED = True  # a call from another thread during the build gets None (the MLX ops) meanwhile
     if switched_off(ENV_SWITCH, "python"):
         STATUS = Status(False, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
     elif not on_linux_cpu():
@@ -66,7 +66,7 @@ def kernels() -> Optional[ModuleType]:
             path = _build()
             module = _load(path)
             _probe(module)
-        except (OSError, RuntimeError, ImportError, TypeError, ValueError, subprocess.SubprocessError) as exc:
+        except Exception as exc:  # noqa: BLE001: whatever fails here, the MLX ops compute the same numbers
             STATUS = Status(False, f"kernels not used ({str(exc)[:300]}); attention and the head run on MLX ops")
         else:
             _MODULE = module
