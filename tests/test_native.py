@@ -92,14 +92,18 @@ def test_backward_equals_autodiff_of_softmax_attention(kernel, b, kv, g, t, d, b
 
 @linux_cpu
 def test_strided_inputs_and_extreme_scores(kernel):
-    """Transposed (non-contiguous) inputs are read as their values; scores ~ +-1e4 stay finite (each row's
-    maximum is subtracted before its exp)."""
+    """Inputs that are not row-contiguous arrays of their own (an offset slice, a broadcast, a reversed view,
+    a column layout) are read as their values; scores ~ +-1e4 stay finite (each row's maximum is subtracted
+    before its exp)."""
     q, k, v, d_out = _inputs(1, 2, 3, 20, 8)
-    k_t = mx.swapaxes(mx.swapaxes(k, 2, 3), 2, 3)  # same values, same strides: a no-op control
-    assert mx.array_equal(kernel.forward(q, k_t, v, 8)[0], kernel.forward(q, k, v, 8)[0]).item()
-    v_strided = mx.swapaxes(mx.contiguous(mx.swapaxes(v, 2, 3)), 2, 3)  # (B, KV, T, D) values, column layout
-    np.testing.assert_allclose(np.array(kernel.forward(q, k, v_strided, 8)[0]),
-                               np.array(kernel.forward(q, k, v, 8)[0]), rtol=1e-6, atol=1e-6)
+    want = kernel.forward(q, k, v, 8)[0]
+    big_k = mx.concatenate([mx.zeros((1, 2, 1, 8)), k], axis=2)[:, :, 1:]  # same values at an offset
+    v_col = mx.swapaxes(mx.contiguous(mx.swapaxes(v, 2, 3)), 2, 3)
+    for kk, vv in ((big_k, v), (k, v_col), (k[:, :, ::-1][:, :, ::-1], v)):
+        np.testing.assert_allclose(np.array(kernel.forward(q, kk, vv, 8)[0]), np.array(want), rtol=1e-6, atol=1e-6)
+    v_row = mx.broadcast_to(v[:, :, :1], v.shape)  # stride 0 along T
+    np.testing.assert_allclose(np.array(kernel.forward(q, k, v_row, 8)[0]),
+                               np.array(kernel.forward(q, k, mx.contiguous(v_row), 8)[0]), rtol=1e-6, atol=1e-6)
     big = q * 3000.0
     out, lse = kernel.forward(big, k, v, 8)
     grads = kernel.backward(big, k, v, d_out, out, lse, 8)
@@ -173,7 +177,7 @@ def fresh_status(monkeypatch):
 @linux_cpu
 def test_a_failed_build_leaves_attention_on_mlx_ops(fresh_status, monkeypatch):
     def broken():
-        raise RuntimeError("compiling the attention kernel failed: no such compiler")
+        raise RuntimeError("compiling the kernels failed: no such compiler")
 
     monkeypatch.setattr(native, "_build", broken)
     assert native.kernels() is None
@@ -291,3 +295,21 @@ def test_head_stats_uses_the_kernel_for_float32_heads_without_bias_only(kernel, 
     head_stats(LinearHead(weight), hidden, targets, 64, entropy=True)
     head_stats(LinearHead(weight.astype(mx.float16)), hidden.astype(mx.float16), targets, 64)
     assert calls == []
+
+
+@linux_cpu
+def test_head_target_outside_the_vocabulary_gives_nan_not_a_stray_read(kernel):
+    hidden, weight = mx.ones((3, 4)), mx.ones((5, 4))
+    logps, grad = kernel.head(hidden, weight, mx.array([1, -1, 5]), True, 2, 2)
+    assert np.isfinite(np.array(logps[0])) and np.isnan(np.array(logps[1:])).all()
+    assert np.isfinite(np.array(grad[0])).all() and np.isnan(np.array(grad[1:])).all()
+
+
+@linux_cpu
+def test_a_library_that_does_not_load_is_removed(tmp_path):
+    """A truncated or foreign file in the cache is not loaded forever: the next process builds it again."""
+    bad = tmp_path / "_poet_kernels.so"
+    bad.write_bytes(b"not a library")
+    with pytest.raises(ImportError):
+        native._load(bad)
+    assert not bad.exists()

@@ -57,9 +57,10 @@ constexpr int kLanes = 16;  // partial maxima/sums: plain loops over them vector
 
 // exp(x) for x <= 0 (a score minus its row's maximum, or its logsumexp): Cephes' expf polynomial with
 // 2^n put into the exponent bits; branch-free so the loops calling it vectorize. Below -87 it returns
-// exp(-87) ~ 1.6e-38 instead of underflowing: nothing a float32 softmax can tell from 0.
+// exp(-87) ~ 1.6e-38 instead of underflowing: nothing a float32 softmax can tell from 0. Above 0 (a
+// recomputed score a rounding above its logsumexp) it returns 1: the exponent trick would overflow at ~88.
 inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
+  x = x < -87.0f ? -87.0f : (x > 0.0f ? 0.0f : x);
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -232,6 +233,7 @@ void head_kernel(const float* h, const float* w, const int32_t* y, float* logps,
   for (int64_t r0 = 0; r0 < s.rows_total; r0 += s.rows) {
     const int64_t n = std::min(s.rows, s.rows_total - r0);
     factor.resize(n);
+    std::fill(picked.begin(), picked.end(), NAN);  // stays NaN for a target outside [0, V)
     std::fill(top.begin(), top.end(), -INFINITY);
     std::fill(z.begin(), z.end(), 0.0f);
     float* g = s.grad ? grad + r0 * s.d : nullptr;  // (n, d): G accumulates in the output
@@ -257,11 +259,15 @@ void head_kernel(const float* h, const float* w, const int32_t* y, float* logps,
     }
     for (int64_t r = 0; r < n; r++) {
       logps[r0 + r] = picked[r] - (top[r] + std::log(z[r]));
-      if (g) {
-        const float* wy = w + static_cast<int64_t>(y[r0 + r]) * s.d;
-        const float inv = 1.0f / z[r];
-        for (int64_t j = 0; j < s.d; j++) g[r * s.d + j] = wy[j] - g[r * s.d + j] * inv;
+      if (!g) continue;
+      const int64_t target = y[r0 + r];
+      if (target < 0 || target >= s.vocab) {  // no such word: a NaN gradient, as its log-prob, never a stray read
+        std::fill(g + r * s.d, g + (r + 1) * s.d, NAN);
+        continue;
       }
+      const float* wy = w + target * s.d;
+      const float inv = 1.0f / z[r];
+      for (int64_t j = 0; j < s.d; j++) g[r * s.d + j] = wy[j] - g[r * s.d + j] * inv;
     }
   }
 }
@@ -331,7 +337,7 @@ void run_head(const Pointers& p, const Params& params) {
 std::vector<mx::array> prepared(const std::vector<mx::array>& arrays, const mx::Stream& stream) {
   std::vector<mx::array> out;
   for (const auto& a : arrays) {
-    if (a.dtype() != mx::float32) throw std::invalid_argument("poet-mlx attention kernel: float32 only");
+    if (a.dtype() != mx::float32) throw std::invalid_argument("poet-mlx kernels: float32 only");
     out.push_back(mx::contiguous(a, false, stream));
   }
   return out;
@@ -379,7 +385,7 @@ std::vector<mx::array> head(const mx::array& hidden, const mx::array& weight, co
   auto stream = mx::to_stream({});
   auto in = prepared({hidden, weight}, stream);
   in.push_back(mx::contiguous(mx::astype(targets, mx::int32, stream), false, stream));
-  const int64_t m = hidden.shape(0), d = hidden.shape(1);
+  const int m = hidden.shape(0), d = hidden.shape(1);  // MLX's shapes are int
   Params params{m, d, weight.shape(0), rows, words, grad ? 1 : 0};
   auto primitive = std::make_shared<CpuKernel>(stream, run_head, params, "PoetHeadLogps");
   if (!grad) return mx::array::make_arrays({{m}}, {mx::float32}, primitive, in);

@@ -55,7 +55,7 @@ def kernels() -> Optional[ModuleType]:
     is switched off, not wanted or failed (STATUS says why). Never raises."""
     global STATUS, _MODULE, _DECIDED
     if _DECIDED:
-        return _MODULE
+        return _MODULE if _MODULE is not None and on_linux_cpu() else None  # not for a GPU stream set later
     _DECIDED = True  # a call from another thread during the build gets None (the MLX ops) meanwhile
     if switched_off(ENV_SWITCH, "python"):
         STATUS = Status(False, f"disabled by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
@@ -125,19 +125,27 @@ def _build() -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}")
-    result = subprocess.run([*cmd, "-o", str(tmp)], capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
+    try:
+        result = subprocess.run([*cmd, "-o", str(tmp)], capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling the kernels failed: {result.stderr.strip()[-300:]}")
+        os.replace(tmp, out)  # atomic: concurrent processes may race to build it
+    finally:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"compiling the attention kernel failed: {result.stderr.strip()[-300:]}")
-    os.replace(tmp, out)  # atomic: concurrent processes may race to build it
     return out
 
 
 def _load(path: Path) -> ModuleType:
+    """Import the built extension; a library that does not load (a truncated or foreign file) is removed, so
+    the next process builds it again."""
     loader = importlib.machinery.ExtensionFileLoader(MODULE, str(path))
     spec = importlib.util.spec_from_file_location(MODULE, str(path), loader=loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
+    try:
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+    except ImportError:
+        path.unlink(missing_ok=True)
+        raise
     return module
 
 
