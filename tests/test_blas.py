@@ -128,3 +128,25 @@ def test_same_results_with_and_without_openblas(tmp_path):
     np.testing.assert_allclose(fast["matmul"], ref["matmul"], rtol=1e-5, atol=1e-4)
     assert len(fast["losses"]) == 3
     np.testing.assert_allclose(fast["losses"], ref["losses"], rtol=1e-4)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="compiles C on Linux only")
+def test_compile_to_is_atomic_and_leaves_nothing_when_it_fails(tmp_path):
+    """`backends.compile_to` (the shim's and the kernels' build): the output appears whole under its name, and
+    a failed compile raises with the compiler's message and leaves no file in the folder."""
+    import shutil
+
+    from poet_mlx.backends import compile_to
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    good, bad = tmp_path / "good.c", tmp_path / "bad.c"
+    good.write_text("int answer(void) { return 42; }\n")
+    bad.write_text("int answer(void) { return }\n")
+    out = tmp_path / "lib" / "libgood.so"
+    assert compile_to([compiler, "-shared", "-fPIC", str(good)], out, "the test library", timeout=120) == out
+    assert sorted(p.name for p in out.parent.iterdir()) == ["libgood.so"]
+    with pytest.raises(RuntimeError, match="(?s)compiling the test library failed: .*error"):
+        compile_to([compiler, "-shared", "-fPIC", str(bad)], tmp_path / "bad" / "libbad.so", "the test library", 120)
+    assert list((tmp_path / "bad").iterdir()) == []

@@ -6,8 +6,10 @@ CPU streams at once (`parallel_rows`), dequantize-then-GEMM for 4-bit layers (`f
 bounded on request (`runahead`)."""
 
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 
@@ -19,6 +21,23 @@ class Status:
     active: bool = False
     reason: str = "not attempted"
     where: Optional[str] = None
+
+
+def compile_to(command: list, out: Path, what: str, timeout: int) -> Path:
+    """Run a compiler `command` (completed by `-o <temporary>`) and rename its output to `out`: atomic, since
+    concurrent processes may race to build the same library; nothing is left behind when it fails or times
+    out. Raises RuntimeError (with the start of the compiler's message) or subprocess.TimeoutExpired. Used by
+    `blas` (the shim) and `native` (the kernels), which cache `out` and skip this when it exists."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}")
+    try:
+        result = subprocess.run([*command, "-o", str(tmp)], capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling {what} failed: {result.stderr.strip()[:300]}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
 
 
 def on_linux_cpu() -> bool:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..fsutil import cache_root
-from . import switched_off
+from . import compile_to, switched_off
 
 ENV_SWITCH = "POET_MLX_BLAS"
 ENV_THREADS = "POET_MLX_BLAS_THREADS"
@@ -95,14 +95,8 @@ def _build_shim(lib_dir: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     src = out.parent / "shim.c"
     src.write_text(SHIM_SOURCE)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}")
-    cmd = [compiler, "-O2", "-shared", "-fPIC", str(src), "-o", str(tmp), f"-L{lib_dir}", "-lscipy_openblas",
-           f"-Wl,-rpath,{lib_dir}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if result.returncode != 0:
-        raise RuntimeError(f"compiling the BLAS shim failed: {result.stderr.strip()[:300]}")
-    os.replace(tmp, out)  # atomic: concurrent processes may race to build it
-    return out
+    cmd = [compiler, "-O2", "-shared", "-fPIC", str(src), f"-L{lib_dir}", "-lscipy_openblas", f"-Wl,-rpath,{lib_dir}"]
+    return compile_to(cmd, out, "the BLAS shim", timeout=120)
 
 
 def enable_fast_blas() -> BlasStatus:

@@ -27,7 +27,6 @@ import importlib.machinery
 import importlib.util
 import os
 import shutil
-import subprocess
 import sysconfig
 from importlib import metadata
 from pathlib import Path
@@ -35,7 +34,7 @@ from types import ModuleType
 from typing import Optional
 
 from ..fsutil import cache_root
-from . import Status, on_linux_cpu, switched_off
+from . import Status, compile_to, on_linux_cpu, switched_off
 
 ENV_SWITCH = "POET_MLX_KERNELS"
 MODULE = "_poet_kernels"
@@ -121,18 +120,7 @@ def _build() -> Path:
     for part in (*cmd, metadata.version("mlx"), metadata.version("nanobind"), suffix, _cpu_key(compiler)):
         key.update(part.encode())
     out = cache_root() / "native" / key.hexdigest()[:16] / f"{MODULE}{suffix}"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}")
-    try:
-        result = subprocess.run([*cmd, "-o", str(tmp)], capture_output=True, text=True, timeout=600)
-        if result.returncode != 0:
-            raise RuntimeError(f"compiling the kernels failed: {result.stderr.strip()[-300:]}")
-        os.replace(tmp, out)  # atomic: concurrent processes may race to build it
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return out if out.is_file() else compile_to(cmd, out, "the kernels", timeout=600)
 
 
 def _load(path: Path) -> ModuleType:
